@@ -1,0 +1,269 @@
+"""One typed config for a training run: YAML -> search space -> Tune trial -> every Ray Train worker.
+
+Every knob a search may touch is a field here, with its default taken from the papers. Loading
+errors become one line naming the file, the field and what was expected (`ConfigError`), so a
+command line tool can print it and exit with code 2 before any worker starts.
+"""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import Field, ValidationError, create_model, field_validator, model_validator
+
+from lsep_tune.models.sit import model_names, parse_model_name
+from lsep_tune.schema import FieldError, StrictModel
+
+
+class ConfigError(ValueError):
+    """Bad user input; `str(err)` is the one line to print."""
+
+
+class ModelConfig(StrictModel):
+    name: str = "SiT-XL/2"
+    input_size: int = Field(32, gt=0, description="latent (or pixel) side length")
+    in_channels: int = Field(4, gt=0)
+    num_classes: int = Field(1000, gt=0)
+    qk_norm: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, name: str) -> str:
+        if name not in model_names():
+            raise ValueError(f"unknown model {name!r}, expected one of {', '.join(model_names())}")
+        return name
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "ModelConfig":
+        if self.input_size % parse_model_name(self.name)["patch_size"]:
+            raise ValueError(f"input_size {self.input_size} is not divisible by the patch size of {self.name}")
+        return self
+
+    @property
+    def depth(self) -> int:
+        return parse_model_name(self.name)["depth"]
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // parse_model_name(self.name)["patch_size"]
+
+
+class DataConfig(StrictModel):
+    kind: Literal["digits", "latents"] = "latents"
+    path: str | None = Field(None, description="folder of latent shards (*.npz with 'latents' and 'labels')")
+    latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to stored latents")
+    batch_size: int = Field(256, gt=0, description="global batch = batch_size x workers x grad_accum_steps")
+
+    @model_validator(mode="after")
+    def _path_for_latents(self) -> "DataConfig":
+        if self.kind == "latents" and not self.path:
+            raise ValueError("data.kind 'latents' needs data.path (a folder of latent shards)")
+        return self
+
+
+class FlowConfig(StrictModel):
+    path_type: Literal["linear", "cosine"] = "linear"
+    time_sampling: Literal["uniform", "lognormal"] = "uniform"
+    class_dropout_prob: float = Field(0.1, ge=0.0, le=1.0, description="label dropout for classifier-free guidance")
+
+
+def _objective_config() -> type[StrictModel]:
+    """`objective.flow` plus one section per registered regularizer (objectives.REGULARIZERS)."""
+    from lsep_tune.objectives import REGULARIZERS
+
+    sections = {name: (cls.Config, cls.Config()) for name, cls in REGULARIZERS.items()}
+    return create_model("ObjectiveConfig", __base__=StrictModel, flow=(FlowConfig, FlowConfig()), **sections)
+
+
+ObjectiveConfig = _objective_config()
+
+
+class OptimConfig(StrictModel):
+    lr: float = Field(1e-4, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.0, ge=0.0)
+    eps: float = Field(1e-8, gt=0.0)
+    grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables clipping")
+    grad_accum_steps: int = Field(1, ge=1)
+
+
+class EMAConfig(StrictModel):
+    decay: float = Field(0.9999, ge=0.0, le=1.0)
+    warmup: bool = Field(False, description="timm's EMA warm-up (decay ramps up early in training)")
+
+
+class SamplingConfig(StrictModel):
+    mode: Literal["ode-euler", "ode-heun", "sde"] = "sde"
+    steps: int = Field(250, ge=1)
+    cfg_scale: float = Field(1.0, ge=1.0)
+    guidance_low: float = Field(0.0, ge=0.0, le=1.0, description="CFG only for t in [guidance_low, guidance_high]")
+    guidance_high: float = Field(1.0, ge=0.0, le=1.0)
+    grid_images: int = Field(16, ge=1, description="images in the sample-grid PNG")
+
+    @model_validator(mode="after")
+    def _interval(self) -> "SamplingConfig":
+        if self.guidance_low > self.guidance_high:
+            raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
+        return self
+
+
+class RunConfig(StrictModel):
+    max_steps: int = Field(400_000, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    log_every: int = Field(100, ge=1)
+    ckpt_every: int = Field(10_000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_every: int = Field(0, ge=0, description="sample-grid PNG interval; 0 = only at the end")
+    fail_at_step: int | None = Field(None, ge=1, description="failure drill: the chosen rank exits at this step, once")
+    fail_rank: int = Field(0, ge=0)
+
+
+class Config(StrictModel):
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig(kind="latents", path="data/imagenet256-latents")
+    objective: ObjectiveConfig = ObjectiveConfig()
+    optim: OptimConfig = OptimConfig()
+    ema: EMAConfig = EMAConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _fits_the_model(self) -> "Config":
+        depth, grid = self.model.depth, self.model.grid_size
+        # Checked whether or not a regularizer is on, so a search never samples an invalid point.
+        for name in type(self.objective).model_fields:
+            section = getattr(self.objective, name)
+            if hasattr(section, "check"):
+                try:
+                    section.check(depth, grid)
+                except FieldError as err:
+                    raise FieldError(f"objective.{name}.{err.field}", f"{err} ({self.model.name})") from None
+        if self.data.kind == "digits":
+            from lsep_tune.data import digits
+
+            expected = (digits.IMAGE_SIZE, digits.CHANNELS, digits.NUM_CLASSES)
+            got = (self.model.input_size, self.model.in_channels, self.model.num_classes)
+            if got != expected:
+                raise FieldError(
+                    "model", f"digits data needs input_size/in_channels/num_classes = {expected}, got {got}"
+                )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def flat(self) -> dict[str, Any]:
+        """{'objective.lsep.uncond_prob': 0.9, ...}: MLflow params and search-space keys."""
+        return flatten(self.to_dict())
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    ctx_err = (first.get("ctx") or {}).get("error")
+    if isinstance(ctx_err, FieldError):
+        return f"{source}: {ctx_err.field}: {ctx_err}"
+    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    elif "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
+        msg = f"{msg} (got {first['input']!r})"
+    return f"{source}: {loc}: {msg}"
+
+
+def validate(data: dict[str, Any], source: str = "<config>") -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(source, err)) from None
+
+
+def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set: {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """'objective.lsep.uncond_prob=0.9' -> ('objective.lsep.uncond_prob', 0.9); values parse as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set: {text}: expected KEY=VALUE")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set: {text}: expected KEY=VALUE")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("lsep_tune.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"{source}: cannot read: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: <root>: expected a mapping of config sections")
+    return data
+
+
+def load_raw(preset: str | None = None, path: str | Path | None = None) -> tuple[dict[str, Any], str]:
+    """The unvalidated dict of a preset or a YAML file, and the name to blame in errors."""
+    if (preset is None) == (path is None):
+        raise ConfigError("config: give exactly one of a preset name or a config file")
+    if preset is not None:
+        if preset not in preset_names():
+            raise ConfigError(f"--preset: {preset}: unknown preset, expected one of {', '.join(preset_names())}")
+        source = f"preset {preset}"
+        return _read_yaml(Path(str(resources.files("lsep_tune.presets") / f"{preset}.yaml")), source), source
+    return _read_yaml(Path(path), str(path)), str(path)
+
+
+def load_config(
+    preset: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Config:
+    """Preset or YAML file, then `--set a.b=value` overrides, then validation (one-line ConfigError)."""
+    data, source = load_raw(preset, path)
+    data = copy.deepcopy(data)
+    for text in overrides:
+        key, value = parse_override(text)
+        set_path(data, key, value)
+    if overrides:
+        source = f"{source} (with --set)"
+    return validate(data, source)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,49 @@
+"""scikit-learn's digits (1797 real 8x8 images, 10 classes) as the embedded, offline dataset.
+
+Images are kept at their native 8x8 resolution, one channel, scaled from [0, 16] to [-1, 1], so
+a tiny SiT with patch size 1 sees an 8x8 token grid on a CPU. The split is deterministic.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+NUM_CLASSES = 10
+IMAGE_SIZE = 8
+CHANNELS = 1
+HELDOUT_FRACTION = 0.2
+SPLIT_SEED = 0
+
+
+def _split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+    perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+    n_held = int(round(n * HELDOUT_FRACTION))
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (images, labels): images float32 (N, 1, 8, 8) in [-1, 1], labels int64 (N,)."""
+    if split not in ("train", "heldout", "all"):
+        raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = bunch.images.astype(np.float32) / 8.0 - 1.0  # [0, 16] -> [-1, 1]
+    labels = bunch.target.astype(np.int64)
+    if split != "all":
+        train_idx, held_idx = _split_indices(len(labels))
+        idx = train_idx if split == "train" else held_idx
+        images, labels = images[idx], labels[idx]
+    return torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Model-space images (N, C, H, W) in [-1, 1] -> uint8 NHWC, the ADM sample layout."""
+    x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def heldout_uint8() -> np.ndarray:
+    """The held-out split as uint8 (N, 8, 8, 1): the reference set for digits FID."""
+    images, _ = load_digits_split("heldout")
+    return to_uint8(images)

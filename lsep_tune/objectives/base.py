@@ -1,0 +1,50 @@
+"""The one small interface every representation regularizer implements.
+
+A regularizer is an nn.Module (its heads train with the backbone, under the same DDP wrapper) that
+names the main-pass token depths it wants, and turns one noisy batch into a weighted loss plus
+metrics. Its config class lives beside it and is registered in `objectives/__init__.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+
+from lsep_tune.objectives.flow import FlowBatch
+from lsep_tune.objectives.randomness import Draws
+from lsep_tune.schema import StrictModel
+
+
+class RegularizerConfig(StrictModel):
+    enabled: bool = False
+
+    def check(self, depth: int, grid: int) -> None:
+        """Raise schema.FieldError(field, message) when the setting does not fit the model."""
+
+
+@dataclass
+class RegularizerOutput:
+    loss: torch.Tensor  # already weighted: added to the flow loss as is
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars
+
+
+class Regularizer(nn.Module):
+    Config: ClassVar[type[RegularizerConfig]]
+    feature_depths: tuple[int, ...] = ()
+
+    def forward(
+        self,
+        sit: nn.Module,
+        batch: FlowBatch,
+        features: dict[int, torch.Tensor],
+        draws: Draws,
+        teacher: nn.Module | None,
+    ) -> RegularizerOutput:
+        raise NotImplementedError
+
+    def param_groups(self) -> list[dict]:
+        """Optimizer groups for this regularizer's own parameters; by default the main settings."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params}] if params else []

@@ -1,0 +1,90 @@
+"""LSEP: linear-separability probing (arXiv 2509.21565).
+
+A second pass runs blocks 1..k over the same noisy input and t, with labels dropped at rate
+`uncond_prob`, so the class must be readable from the features rather than from the conditioning.
+A linear probe (LayerNorm + Linear) on mean-pooled tokens of a random crop of the token grid
+classifies it; its cross-entropy, weighted by a constant or by bins of t, trains probe and
+backbone together. The probe has its own learning rate.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+
+from lsep_tune.objectives.base import Regularizer, RegularizerConfig, RegularizerOutput
+from lsep_tune.objectives.flow import drop_labels
+from lsep_tune.schema import FieldError
+
+
+class LSEPConfig(RegularizerConfig):
+    encoder_depth: int = Field(8, ge=1, description="the probe reads the tokens after this block")
+    uncond_prob: float = Field(0.9, ge=0.0, le=1.0, description="label-drop probability of the probe pass")
+    crop_start: int | None = Field(None, ge=1, description="smallest crop window side on the token grid; null = no crop")
+    weights_type: Literal["constant", "steps"] = "steps"
+    weight: float = Field(0.02, ge=0.0, description="lambda when weights_type is 'constant'")
+    weight_start: float = Field(0.0225, ge=0.0, description="weight of the lowest-t bin ('steps')")
+    weight_end: float = Field(0.03, ge=0.0, description="weight of the highest-t bin ('steps')")
+    n_weights: int = Field(10, ge=1, description="number of equal t bins ('steps')")
+    probe_lr: float = Field(1e-4, gt=0.0)
+    probe_weight_decay: float = Field(0.0, ge=0.0)
+
+    def check(self, depth: int, grid: int) -> None:
+        if self.encoder_depth > depth:
+            raise FieldError("encoder_depth", f"block depth {self.encoder_depth} is deeper than the model ({depth} blocks)")
+        if self.crop_start is not None and self.crop_start > grid:
+            raise FieldError("crop_start", f"{self.crop_start} is larger than the token grid ({grid})")
+
+
+def crop_window_mask(grid: int, window: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
+    """(N, grid*grid) float mask of a window x window square at per-sample (top, left)."""
+    rows = torch.arange(grid, device=top.device)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < top[:, None] + window)  # (N, G)
+    in_cols = (rows[None] >= left[:, None]) & (rows[None] < left[:, None] + window)  # (N, G)
+    return (in_rows[:, :, None] & in_cols[:, None, :]).flatten(1).float()
+
+
+def step_weights(t: torch.Tensor, start: float, end: float, n: int) -> torch.Tensor:
+    """Weight of each sample by its t bin: bin i of n equal bins of [0, 1] gets linspace(start, end, n)[i]."""
+    bins = (t.float() * n).floor().clamp(0, n - 1).long()
+    return torch.linspace(start, end, n, device=t.device)[bins]
+
+
+class LSEP(Regularizer):
+    Config = LSEPConfig
+
+    def __init__(self, cfg: LSEPConfig, hidden_size: int, num_classes: int, grid_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.grid_size = grid_size
+        self.probe = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
+
+    def pool(self, tokens: torch.Tensor, draws) -> torch.Tensor:
+        """Mean over a random crop of the token grid: one window size per batch, a position per sample."""
+        grid, start = self.grid_size, self.cfg.crop_start
+        window = grid if start is None else draws.randint_shared(start, grid + 1)
+        u_top, u_left = draws.rand(), draws.rand()
+        top = (u_top * (grid - window + 1)).floor().long()
+        left = (u_left * (grid - window + 1)).floor().long()
+        mask = crop_window_mask(grid, window, top, left)  # (N, T)
+        return (tokens.float() * mask[:, :, None]).sum(1) / (window * window)  # (N, D)
+
+    def forward(self, sit, batch, features, draws, teacher) -> RegularizerOutput:
+        k = self.cfg.encoder_depth
+        y_probe = drop_labels(batch.y, draws.rand() < self.cfg.uncond_prob, sit.null_class)
+        _, feats = sit(batch.x_t, batch.t, y_probe, return_depths=(k,), stop_at=k)
+        logits = self.probe(self.pool(feats[k], draws))  # (N, num_classes)
+        ce = F.cross_entropy(logits.float(), batch.y, reduction="none")  # (N,)
+        if self.cfg.weights_type == "constant":
+            loss = self.cfg.weight * ce.mean()
+        else:
+            loss = (step_weights(batch.t, self.cfg.weight_start, self.cfg.weight_end, self.cfg.n_weights) * ce).mean()
+        acc = (logits.argmax(-1) == batch.y).float().mean()
+        return RegularizerOutput(loss, {"lsep_ce": ce.mean().detach(), "probe_acc": acc.detach()})
+
+    def param_groups(self) -> list[dict]:
+        return [{"params": list(self.probe.parameters()), "lr": self.cfg.probe_lr,
+                 "weight_decay": self.cfg.probe_weight_decay}]

@@ -1,0 +1,44 @@
+"""Per-step random draws that do not depend on how the global batch is split across workers.
+
+Every rank seeds the same generator from (seed, step, micro-step), draws each random tensor for
+the whole global micro-batch, and keeps its own slice. So 1 worker with 2 accumulation steps and
+2 workers with 1 step see the same noise, times, label drops and crops, and a resumed run
+replays exactly the draws of the run it continues: no RNG state needs checkpointing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Draws:
+    generator: torch.Generator
+    global_batch: int  # samples in the global micro-batch (all ranks)
+    offset: int  # index of this rank's first sample in it
+    local_batch: int
+    device: torch.device
+
+    @classmethod
+    def for_step(
+        cls, seed: int, step: int, micro: int, global_batch: int, offset: int, local_batch: int, device
+    ) -> "Draws":
+        g = torch.Generator(device="cpu")
+        # Distinct, well-mixed seed per (seed, step, micro-step).
+        g.manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+        return cls(g, global_batch, offset, local_batch, torch.device(device))
+
+    def _local(self, full: torch.Tensor) -> torch.Tensor:
+        return full[self.offset : self.offset + self.local_batch].to(self.device)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """U[0, 1) of shape (local_batch, *shape)."""
+        return self._local(torch.rand((self.global_batch, *shape), generator=self.generator))
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return self._local(torch.randn((self.global_batch, *shape), generator=self.generator))
+
+    def randint_shared(self, low: int, high: int) -> int:
+        """One integer in [low, high) shared by the whole global batch."""
+        return int(torch.randint(low, high, (1,), generator=self.generator).item())

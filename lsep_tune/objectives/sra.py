@@ -1,0 +1,76 @@
+"""SRA: self-representation alignment (arXiv 2505.02831).
+
+The student's tokens after an early block (at the batch's noise level) go through an MLP head and
+are aligned with the tokens after a later block of the EMA teacher, fed the same data, noise and
+labels at a lower noise level t - U(0, t_max). The teacher gets no gradient and no head.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import Field
+from timm.layers import Mlp
+
+from lsep_tune.objectives.base import Regularizer, RegularizerConfig, RegularizerOutput
+from lsep_tune.schema import FieldError
+
+
+class SRAConfig(RegularizerConfig):
+    block_out_s: int = Field(4, ge=1, description="student block (higher noise)")
+    block_out_t: int = Field(8, ge=1, description="EMA-teacher block (lower noise)")
+    t_max: float = Field(0.2, ge=0.0, le=1.0, description="teacher t = clamp(t - U(0, t_max), 0, 1)")
+    loss_type: Literal["cos", "sml1", "l1", "l2"] = "cos"
+    cos_axis: Literal["features", "tokens"] = Field(
+        "features",
+        description="'features': cosine per token over channels; 'tokens': per channel across tokens, "
+        "which is what the published code's dim=1 call on (N, T, D) computes",
+    )
+    smooth_l1_beta: float = Field(0.05, gt=0.0)
+    weight: float = Field(0.5, ge=0.0)
+    head_mult: int = Field(2, ge=1, description="student head: hidden -> head_mult*hidden -> hidden")
+
+    def check(self, depth: int, grid: int) -> None:
+        for name in ("block_out_s", "block_out_t"):
+            value = getattr(self, name)
+            if value > depth:
+                raise FieldError(name, f"block depth {value} is deeper than the model ({depth} blocks)")
+
+
+def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: SRAConfig) -> torch.Tensor:
+    """Mean alignment loss between (N, T, D) token tensors."""
+    s, t = student.float(), teacher.float()
+    if cfg.loss_type == "cos":
+        dim = -1 if cfg.cos_axis == "features" else 1
+        return (1 - F.cosine_similarity(s, t, dim=dim)).mean()
+    if cfg.loss_type == "sml1":
+        return F.smooth_l1_loss(s, t, beta=cfg.smooth_l1_beta)
+    if cfg.loss_type == "l1":
+        return F.l1_loss(s, t)
+    return F.mse_loss(s, t)
+
+
+class SRA(Regularizer):
+    Config = SRAConfig
+
+    def __init__(self, cfg: SRAConfig, hidden_size: int, num_classes: int, grid_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.feature_depths = (cfg.block_out_s,)
+        self.head = Mlp(hidden_size, cfg.head_mult * hidden_size, hidden_size, act_layer=nn.SiLU)
+
+    def teacher_time(self, t: torch.Tensor, draws) -> torch.Tensor:
+        return (t - self.cfg.t_max * draws.rand()).clamp(0.0, 1.0)
+
+    def forward(self, sit, batch, features, draws, teacher) -> RegularizerOutput:
+        if teacher is None:
+            raise ValueError("SRA needs the EMA model as teacher")
+        student = self.head(features[self.cfg.block_out_s])  # (N, T, D)
+        t_teacher = self.teacher_time(batch.t, draws)
+        depth = self.cfg.block_out_t
+        with torch.no_grad():
+            _, feats = teacher(batch.noised(t_teacher), t_teacher, batch.y_model, return_depths=(depth,), stop_at=depth)
+        raw = alignment_loss(student, feats[depth].detach(), self.cfg)
+        return RegularizerOutput(self.cfg.weight * raw, {"sra_loss": raw.detach()})

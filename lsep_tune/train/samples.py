@@ -1,0 +1,41 @@
+"""Sample grids from the EMA model: the quick look a person takes at a run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torchvision.utils import save_image
+
+from lsep_tune.sampling import sample
+
+
+@torch.no_grad()
+def generate(sit, cfg, n: int, device, seed: int = 0, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """n samples in model space (N, C, H, W), class-balanced labels unless given."""
+    m, s = cfg.model, cfg.sampling
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn((n, m.in_channels, m.input_size, m.input_size), generator=g).to(device)
+    y = (torch.arange(n) % m.num_classes if labels is None else labels).to(device)
+    was_training = sit.training
+    sit.eval()
+    x = sample(
+        sit.velocity, noise, y, mode=s.mode, steps=s.steps, cfg_scale=s.cfg_scale,
+        guidance_interval=(s.guidance_low, s.guidance_high), null_class=m.num_classes,
+        path_type=cfg.objective.flow.path_type, generator=g,
+    )
+    sit.train(was_training)
+    return x
+
+
+def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = 0) -> Path:
+    """A PNG grid with one column per class. Latent models show latent channels 0-2 until decoded."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = cfg.sampling.grid_images
+    x = generate(sit, cfg, n, device, seed).float().cpu()
+    if cfg.data.kind == "latents":
+        x = x[:, :3] / cfg.data.latent_scale
+        x = x / x.abs().amax().clamp_min(1e-6)
+    nrow = min(cfg.model.num_classes, n) if cfg.model.num_classes <= 16 else int(n**0.5)
+    save_image(x.clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
+    return path

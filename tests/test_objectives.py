@@ -1,0 +1,250 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from lsep_tune.config import load_config
+from lsep_tune.objectives import Draws, TrainObjective
+from lsep_tune.objectives.flow import flow_loss, interpolant, make_flow_batch
+from lsep_tune.objectives.lsep import LSEP, crop_window_mask, step_weights
+from lsep_tune.objectives.sra import SRA, alignment_loss
+from lsep_tune.train.loop import build_objective
+
+
+def draws(n, step=0, seed=0):
+    return Draws.for_step(seed, step, 0, n, 0, n, "cpu")
+
+
+def randomize_adaln(sit, std=0.05):
+    for block in sit.blocks:
+        torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=std)
+    torch.nn.init.normal_(sit.final_layer.linear.weight, std=std)
+
+
+def test_linear_path_input_and_target():
+    x = torch.randn(64, 1, 8, 8)
+    b = make_flow_batch(x, torch.zeros(64, dtype=torch.long), draws(64), "linear", "uniform", 0.0, 10)
+    t = b.t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(b.x_t, (1 - t) * x + t * b.noise)
+    torch.testing.assert_close(b.target, b.noise - x)
+    assert b.t.min() >= 0 and b.t.max() < 1
+
+
+def test_cosine_path_hand_values():
+    a, s, da, ds = interpolant(torch.tensor([0.0, 0.5, 1.0]), "cosine")
+    torch.testing.assert_close(a, torch.tensor([1.0, math.sqrt(0.5), 0.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(s, torch.tensor([0.0, math.sqrt(0.5), 1.0]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(da, torch.tensor([0.0, -math.pi / 2 * math.sqrt(0.5), -math.pi / 2]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(ds, torch.tensor([math.pi / 2, math.pi / 2 * math.sqrt(0.5), 0.0]), atol=1e-6, rtol=0)
+
+
+def test_flow_loss_is_per_sample_mse_averaged():
+    target = torch.zeros(2, 1, 2, 2)
+    pred = torch.stack([torch.full((1, 2, 2), 1.0), torch.tensor([[[2.0, 0.0], [0.0, 0.0]]])])
+    # sample 0: mean of 1s = 1; sample 1: 4 / 4 = 1 -> 1; change sample 1 to make it asymmetric
+    pred[1, 0, 1, 1] = 2.0  # sample 1: (4 + 4) / 4 = 2
+    assert flow_loss(pred, target).item() == pytest.approx(1.5)
+
+
+def test_lognormal_times_and_class_dropout_rate():
+    n = 20000
+    b = make_flow_batch(torch.zeros(n, 1, 2, 2), torch.zeros(n, dtype=torch.long), draws(n), "linear", "lognormal", 0.1, 10)
+    assert 0 < b.t.min() and b.t.max() < 1
+    assert abs(b.t.median().item() - 0.5) < 0.02  # sigma = exp(N(0,1)) has median 1 -> t = 0.5
+    assert abs((b.y_model == 10).float().mean().item() - 0.1) < 0.01
+
+
+def test_crop_mask_windows_and_positions():
+    top, left = torch.tensor([0, 1, 2]), torch.tensor([2, 0, 1])
+    mask = crop_window_mask(4, 2, top, left).view(3, 4, 4)
+    assert mask.sum((1, 2)).tolist() == [4, 4, 4]
+    assert mask[0, 0:2, 2:4].all() and mask[1, 1:3, 0:2].all() and mask[2, 2:4, 1:3].all()
+
+
+def test_lsep_pool_draws_windows_in_range_and_positions_per_sample(digits_cfg):
+    lsep = LSEP(digits_cfg.objective.lsep.model_copy(update={"crop_start": 2}), 8, 10, grid_size=4)
+    tokens = torch.arange(16.0).view(1, 16, 1).repeat(512, 1, 1)  # token value = its grid index
+    windows, positions = set(), set()
+    for step in range(40):
+        d = draws(512, step)
+        pooled = lsep.pool(tokens, d)[:, 0]
+        # Replay the same draws to learn the window and positions the pool used.
+        d2 = draws(512, step)
+        window = d2.randint_shared(2, 5)
+        top = (d2.rand() * (4 - window + 1)).floor().long()
+        left = (d2.rand() * (4 - window + 1)).floor().long()
+        rows = top[:, None] + torch.arange(window)
+        cols = left[:, None] + torch.arange(window)
+        expected = (rows[:, :, None] * 4 + cols[:, None, :]).float().mean((1, 2))
+        torch.testing.assert_close(pooled, expected)
+        windows.add(window)
+        positions |= set(zip(top.tolist(), left.tolist()))
+        if window == 2:
+            assert len(set(zip(top.tolist(), left.tolist()))) == 9  # every position, sample by sample
+    assert windows == {2, 3, 4}
+
+
+def test_no_crop_pools_the_whole_grid(digits_cfg):
+    lsep = LSEP(digits_cfg.objective.lsep.model_copy(update={"crop_start": None}), 8, 10, grid_size=4)
+    tokens = torch.randn(6, 16, 8)
+    torch.testing.assert_close(lsep.pool(tokens, draws(6)), tokens.mean(1))
+
+
+def test_step_weights_at_bin_edges():
+    w = torch.linspace(0.0225, 0.03, 10)
+    t = torch.tensor([0.0, 0.0999, 0.1, 0.45, 0.5, 0.9, 0.9999, 1.0])
+    expected = torch.stack([w[0], w[0], w[1], w[4], w[5], w[9], w[9], w[9]])
+    torch.testing.assert_close(step_weights(t, 0.0225, 0.03, 10), expected)
+
+
+def test_lsep_probe_branch_drops_labels_at_uncond_prob(digits_cfg):
+    cfg = digits_cfg.model_copy(deep=True)
+    cfg.objective.flow.class_dropout_prob = 0.0
+    objective = build_objective(cfg)
+    seen = []
+    original = objective.sit.forward
+
+    def spy(x, t, y, return_depths=(), stop_at=None):
+        seen.append((stop_at, y.clone()))
+        return original(x, t, y, return_depths=return_depths, stop_at=stop_at)
+
+    objective.sit.forward = spy
+    n = 4000
+    y = torch.randint(0, 10, (n,))
+    objective(torch.randn(n, 1, 8, 8), y, draws(n), teacher=None)
+    (main_stop, y_main), (probe_stop, y_probe) = seen
+    assert main_stop is None and torch.equal(y_main, y)
+    assert probe_stop == cfg.objective.lsep.encoder_depth
+    assert abs((y_probe == 10).float().mean().item() - 0.9) < 0.02
+    assert torch.equal(y_probe[y_probe != 10], y[y_probe != 10])
+
+
+def test_lsep_loss_weighting_constant_and_steps(digits_cfg):
+    torch.manual_seed(0)
+    cfg = digits_cfg.objective.lsep
+    sit = build_objective(digits_cfg).sit
+    for weights_type in ("constant", "steps"):
+        lsep = LSEP(cfg.model_copy(update={"weights_type": weights_type, "crop_start": None}), 96, 10, 4)
+        x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+        batch = make_flow_batch(x, y, draws(32), "linear", "uniform", 0.0, 10)
+        out = lsep(sit, batch, {}, draws(32, step=7), None)
+        # Recompute by hand from the same draws.
+        d = draws(32, step=7)
+        y_probe = torch.where(d.rand() < cfg.uncond_prob, torch.full_like(y, 10), y)
+        _, f = sit(batch.x_t, batch.t, y_probe, return_depths=(3,), stop_at=3)
+        ce = torch.nn.functional.cross_entropy(lsep.probe(f[3].mean(1)), y, reduction="none")
+        if weights_type == "constant":
+            expected = cfg.weight * ce.mean()
+        else:
+            bins = (batch.t * 10).floor().clamp(max=9).long()
+            expected = (torch.linspace(cfg.weight_start, cfg.weight_end, 10)[bins] * ce).mean()
+        torch.testing.assert_close(out.loss, expected)
+        assert 0.0 <= out.metrics["probe_acc"] <= 1.0
+
+
+def test_probe_gradient_reaches_the_backbone(digits_cfg):
+    cfg = digits_cfg.model_copy(deep=True)
+    objective = build_objective(cfg)
+    randomize_adaln(objective.sit)  # adaLN-Zero gates are 0 at init: open them
+    lsep = objective.regularizers["lsep"]
+    x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    batch = make_flow_batch(x, y, draws(16), "linear", "uniform", 0.0, 10)
+    lsep(objective.sit, batch, {}, draws(16), None).loss.backward()
+    assert objective.sit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+    assert objective.sit.blocks[-1].attn.qkv.weight.grad is None  # beyond encoder_depth: untouched
+
+
+def sra_setup(digits_cfg, **update):
+    cfg = digits_cfg.model_copy(deep=True)
+    cfg.objective.lsep.enabled = False
+    cfg.objective.sra.enabled = True
+    for k, v in update.items():
+        setattr(cfg.objective.sra, k, v)
+    torch.manual_seed(0)
+    objective = build_objective(cfg)
+    randomize_adaln(objective.sit)
+    teacher = copy.deepcopy(objective.sit).eval().requires_grad_(False)
+    with torch.no_grad():  # the "EMA" teacher differs from the student
+        for p in teacher.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, objective, teacher
+
+
+def test_sra_teacher_gets_less_noise_no_gradient_and_its_own_weights(digits_cfg):
+    cfg, objective, teacher = sra_setup(digits_cfg)
+    calls = []
+    original = teacher.forward
+
+    def spy(x, t, y, return_depths=(), stop_at=None):
+        calls.append((x.clone(), t.clone(), y.clone(), stop_at, torch.is_grad_enabled()))
+        return original(x, t, y, return_depths=return_depths, stop_at=stop_at)
+
+    teacher.forward = spy
+    n = 256
+    x, y = torch.randn(n, 1, 8, 8), torch.randint(0, 10, (n,))
+    loss, metrics = objective(x, y, draws(n), teacher=teacher)
+    loss.backward()
+    (x_teacher, t_teacher, y_teacher, stop_at, grad_on), = calls
+    batch = make_flow_batch(x, y, draws(n), "linear", "uniform", cfg.objective.flow.class_dropout_prob, 10)
+    assert stop_at == cfg.objective.sra.block_out_t and not grad_on
+    assert (t_teacher <= batch.t).all() and (batch.t - t_teacher <= cfg.objective.sra.t_max + 1e-6).all()
+    assert (batch.t - t_teacher).mean() > 0.05  # less noise on average, not equal
+    torch.testing.assert_close(x_teacher, batch.noised(t_teacher))  # same data, same noise sample
+    assert torch.equal(y_teacher, batch.y_model)  # same (possibly dropped) labels
+    assert all(p.grad is None for p in teacher.parameters())
+    assert objective.regularizers["sra"].head.fc1.weight.grad is not None
+    # The loss uses the teacher's weights: recompute it from the teacher by hand.
+    with torch.no_grad():
+        _, f_t = original(x_teacher, t_teacher, y_teacher, return_depths=(4,), stop_at=4)
+        _, f_s = objective.sit(batch.x_t, batch.t, batch.y_model, return_depths=(2,), stop_at=2)
+        expected = alignment_loss(objective.regularizers["sra"].head(f_s[2]), f_t[4], cfg.objective.sra)
+    torch.testing.assert_close(metrics["sra_loss"], expected)
+    with torch.no_grad():
+        _, f_student_weights = objective.sit(x_teacher, t_teacher, y_teacher, return_depths=(4,), stop_at=4)
+        other = alignment_loss(objective.regularizers["sra"].head(f_s[2]), f_student_weights[4], cfg.objective.sra)
+    assert not torch.allclose(other, expected)
+
+
+def test_sra_losses_and_cosine_axis():
+    from lsep_tune.objectives.sra import SRAConfig
+
+    s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
+    per_token = 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
+    per_channel = 1 - torch.nn.functional.cosine_similarity(s, t, dim=1)
+    torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="cos")), per_token.mean())
+    torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="cos", cos_axis="tokens")), per_channel.mean())
+    torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="l1")), (s - t).abs().mean())
+    torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="l2")), ((s - t) ** 2).mean())
+    d = (s - t).abs()
+    sml1 = torch.where(d < 0.05, 0.5 * d**2 / 0.05, d - 0.025).mean()
+    torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="sml1")), sml1)
+
+
+@pytest.mark.parametrize("lsep,sra", [(False, False), (True, False), (False, True), (True, True)])
+def test_regularizers_compose_from_config(digits_cfg, lsep, sra):
+    cfg = digits_cfg.model_copy(deep=True)
+    cfg.objective.lsep.enabled = lsep
+    cfg.objective.sra.enabled = sra
+    objective = build_objective(cfg)
+    assert set(objective.regularizers) == {n for n, on in (("lsep", lsep), ("sra", sra)) if on}
+    loss, metrics = objective(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), draws(8),
+                              teacher=copy.deepcopy(objective.sit).eval())
+    assert ("probe_acc" in metrics) == lsep and ("sra_loss" in metrics) == sra
+    extra = sum(v for k, v in metrics.items() if k == "sra_loss") if sra else 0
+    if not lsep and not sra:
+        torch.testing.assert_close(loss.detach(), metrics["flow_loss"])
+    else:
+        assert loss.item() > metrics["flow_loss"].item() or extra == 0
+    groups = objective.param_groups(0.0)
+    if lsep:
+        assert any(g.get("lr") == cfg.objective.lsep.probe_lr for g in groups)
+
+
+def test_draws_do_not_depend_on_the_worker_split():
+    whole = Draws.for_step(3, 5, 0, 8, 0, 8, "cpu")
+    a, b = Draws.for_step(3, 5, 0, 8, 0, 4, "cpu"), Draws.for_step(3, 5, 0, 8, 4, 4, "cpu")
+    full_t, full_n = whole.rand(), whole.randn(2)
+    torch.testing.assert_close(torch.cat([a.rand(), b.rand()]), full_t)
+    torch.testing.assert_close(torch.cat([a.randn(2), b.randn(2)]), full_n)
+    assert whole.randint_shared(0, 100) == a.randint_shared(0, 100) == b.randint_shared(0, 100)

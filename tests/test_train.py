@@ -1,0 +1,76 @@
+import json
+
+import torch
+from PIL import Image
+
+from lsep_tune.config import load_config
+from lsep_tune.train import checkpoint as ckpt
+from lsep_tune.train.__main__ import main
+from lsep_tune.train.context import LocalContext
+from lsep_tune.train.loop import train_loop
+
+
+def test_digits_training_lowers_loss_and_lifts_probe_accuracy(tmp_path):
+    cfg = load_config(preset="digits", overrides=["run.max_steps=300", "run.log_every=50", "run.ckpt_every=150",
+                                                  "sampling.grid_images=20", "sampling.steps=8"])
+    summary = train_loop(cfg, LocalContext(tmp_path, keep_checkpoints=1, device="cpu"))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in logged] == [50, 100, 150, 200, 250, 300]
+    assert logged[-1]["flow_loss"] < 0.8 * logged[0]["flow_loss"]
+    assert summary["probe_acc"] > 0.3  # chance is 0.1
+    assert summary["final_step"] == 300 and summary["world_size"] == 1
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["checkpoint"] == str(tmp_path / "checkpoints" / "step_00000300")
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_00000300"]  # keep 1
+    grid = Image.open(written["sample_grid"])
+    assert grid.size[0] > 8 * 10 and grid.size[1] > 8 * 2  # 10 columns (classes) x 2 rows
+
+
+def small_cfg(max_steps, **extra):
+    overrides = ["model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2", "objective.sra.enabled=true",
+                 "objective.sra.block_out_s=1", "objective.sra.block_out_t=3", "data.batch_size=16",
+                 f"run.max_steps={max_steps}", "run.ckpt_every=4", "run.log_every=2", "sampling.steps=2",
+                 "sampling.grid_images=10", "optim.grad_accum_steps=2"]
+    return load_config(preset="digits", overrides=overrides + [f"{k}={v}" for k, v in extra.items()])
+
+
+def assert_same_state(a: dict, b: dict):
+    for key in ("model", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), f"{key}.{name} differs"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    for idx in sa:
+        for k in sa[idx]:
+            assert torch.equal(torch.as_tensor(sa[idx][k]), torch.as_tensor(sb[idx][k])), f"optimizer {idx}.{k}"
+
+
+def test_resume_continues_with_identical_state_at_the_right_step(tmp_path):
+    straight = tmp_path / "straight"
+    train_loop(small_cfg(8), LocalContext(straight, keep_checkpoints=5, device="cpu"))
+    split = tmp_path / "split"
+    first = train_loop(small_cfg(4), LocalContext(split, keep_checkpoints=5, device="cpu"))
+    assert first["final_step"] == 4
+    # Round trip: the checkpoint on disk loads (weights_only) and holds the step and config.
+    state4 = ckpt.load_state(split / "checkpoints" / "step_00000004")
+    assert state4["step"] == 4 and state4["config"]["run"]["max_steps"] == 4
+    resumed = train_loop(small_cfg(8), LocalContext(split, keep_checkpoints=5, device="cpu", resume_from=split))
+    assert resumed["start_step"] == 4 and resumed["final_step"] == 8
+    assert_same_state(ckpt.load_state(straight / "checkpoints" / "step_00000008"),
+                      ckpt.load_state(split / "checkpoints" / "step_00000008"))
+    steps = [json.loads(line)["step"] for line in (split / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4, 6, 8]
+
+
+def test_cli_runs_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--preset", "digits", "--set", "model.name=SiT-Tiny/2", "--set", "objective.lsep.encoder_depth=2",
+            "--set", "sampling.steps=2", "--set", "run.ckpt_every=2", "--max-steps", "2", "--output", str(out)]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == 2 and summary["probe_acc"] is not None
+    assert (out / "config.yaml").exists() and summary["world_size"] == 1
+    assert main(["--resume", str(out), "--max-steps", "4"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["start_step"] == 2 and summary["final_step"] == 4
+    assert main(["--resume", str(tmp_path / "missing")]) == 2
