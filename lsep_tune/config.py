@@ -55,6 +55,7 @@ class DataConfig(StrictModel):
     kind: Literal["digits", "latents"] = "latents"
     path: str | None = Field(None, description="folder of latent shards (*.npz with 'latents' and 'labels')")
     latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to stored latents")
+    vae_path: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes the latents")
     batch_size: int = Field(256, gt=0, description="global batch = batch_size x workers x grad_accum_steps")
 
     @model_validator(mode="after")
@@ -118,6 +119,10 @@ class RunConfig(StrictModel):
     ckpt_every: int = Field(10_000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)
     sample_every: int = Field(0, ge=0, description="sample-grid PNG interval; 0 = only at the end")
+    eval_every: int = Field(0, ge=0, description="in-training FID/IS interval (EMA samples); 0 = off")
+    eval_samples: int = Field(1000, ge=2, description="samples per in-training evaluation")
+    eval_reference: str = Field("digits", description="'digits', an ADM reference npz, an image folder or a stats file")
+    eval_extractor_weights: str | None = Field(None, description="local feature-extractor weights (offline Inception)")
     fail_at_step: int | None = Field(None, ge=1, description="failure drill: the chosen rank exits at this step, once")
     fail_rank: int = Field(0, ge=0)
 
@@ -151,6 +156,12 @@ class Config(StrictModel):
                 raise FieldError(
                     "model", f"digits data needs input_size/in_channels/num_classes = {expected}, got {got}"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_fits(self) -> "Config":
+        if self.run.eval_every and self.data.kind == "latents" and not self.data.vae_path:
+            raise FieldError("data.vae_path", "in-training evaluation of a latent model needs the SD-VAE folder")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from lsep_tune.train.loop import build_objective
 
 
 def draws(n, step=0, seed=0):
-    return Draws.for_step(seed, step, 0, n, 0, n, "cpu")
+    return Draws.for_step(seed, step, n, 0, n, "cpu")
 
 
 def randomize_adaln(sit, std=0.05):
@@ -242,8 +242,8 @@ def test_regularizers_compose_from_config(digits_cfg, lsep, sra):
 
 
 def test_draws_do_not_depend_on_the_worker_split():
-    whole = Draws.for_step(3, 5, 0, 8, 0, 8, "cpu")
-    a, b = Draws.for_step(3, 5, 0, 8, 0, 4, "cpu"), Draws.for_step(3, 5, 0, 8, 4, 4, "cpu")
+    whole = Draws.for_step(3, 5, 8, 0, 8, "cpu")
+    a, b = Draws.for_step(3, 5, 8, 0, 4, "cpu"), Draws.for_step(3, 5, 8, 4, 4, "cpu")
     full_t, full_n = whole.rand(), whole.randn(2)
     torch.testing.assert_close(torch.cat([a.rand(), b.rand()]), full_t)
     torch.testing.assert_close(torch.cat([a.randn(2), b.randn(2)]), full_n)

@@ -1,9 +1,10 @@
 """Per-step random draws that do not depend on how the global batch is split across workers.
 
-Every rank seeds the same generator from (seed, step, micro-step), draws each random tensor for
-the whole global micro-batch, and keeps its own slice. So 1 worker with 2 accumulation steps and
-2 workers with 1 step see the same noise, times, label drops and crops, and a resumed run
-replays exactly the draws of the run it continues: no RNG state needs checkpointing.
+Every rank and micro-step seeds the same generator from (seed, step), draws each random tensor for
+the whole global batch (all ranks, all accumulation micro-steps), and keeps its own slice. So 1
+worker with 2 accumulation steps, 2 workers with 1, and 1 worker with the whole batch see the same
+noise, times, label drops and crops, and a resumed run replays exactly the draws of the run it
+continues: no RNG state needs checkpointing.
 """
 from __future__ import annotations
 
@@ -15,18 +16,15 @@ import torch
 @dataclass
 class Draws:
     generator: torch.Generator
-    global_batch: int  # samples in the global micro-batch (all ranks)
-    offset: int  # index of this rank's first sample in it
+    global_batch: int  # samples in the global batch of the step (all ranks, all micro-steps)
+    offset: int  # index of this rank and micro-step's first sample in it
     local_batch: int
     device: torch.device
 
     @classmethod
-    def for_step(
-        cls, seed: int, step: int, micro: int, global_batch: int, offset: int, local_batch: int, device
-    ) -> "Draws":
+    def for_step(cls, seed: int, step: int, global_batch: int, offset: int, local_batch: int, device) -> "Draws":
         g = torch.Generator(device="cpu")
-        # Distinct, well-mixed seed per (seed, step, micro-step).
-        g.manual_seed((seed * 1_000_003 + step) * 1_009 + micro)
+        g.manual_seed(seed * 1_000_003 + step)  # distinct seed per (seed, step)
         return cls(g, global_batch, offset, local_batch, torch.device(device))
 
     def _local(self, full: torch.Tensor) -> torch.Tensor:

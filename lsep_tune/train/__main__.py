@@ -21,6 +21,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help="run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p.add_argument("--device", help="torch device for the in-process run (default: cuda if available)")
+    dist = p.add_argument_group("Ray Train")
+    dist.add_argument("--workers", type=int, default=0, help="Ray Train workers; 0 runs in this process (default)")
+    dist.add_argument("--gpus-per-worker", type=float, default=0.0)
+    dist.add_argument("--cpus-per-worker", type=float, default=1.0)
+    dist.add_argument("--storage", help="checkpoint storage: a folder, NFS path or s3:// / gs:// URI "
+                                        "(default: OUTPUT/ray)")
+    dist.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    dist.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
     return p.parse_args(argv)
 
 
@@ -62,30 +71,132 @@ def check_output(output: Path) -> None:
         raise ConfigError(f"--output: {output}: not writable ({err.strerror})") from None
 
 
+def prepare(args: argparse.Namespace):
+    """Everything that can be wrong with the request fails here, before any training starts."""
+    from lsep_tune import tracking
+
+    cfg, output = resolve(args)
+    run_file = output / "run.json"
+    previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
+    uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
+    problem = tracking.check_uri(uri)
+    if problem:
+        raise ConfigError(f"--mlflow-uri: {uri}: {problem}")
+    if args.workers < 0:
+        raise ConfigError(f"--workers: {args.workers}: expected 0 (in-process) or more")
+    check_output(output)
+    placement = paths = None
+    if args.workers > 0:
+        from lsep_tune.train.distributed import Placement, RunPaths, check_placement, check_storage
+
+        storage = args.storage or previous.get("storage") or str((output / "ray").resolve())
+        check_storage(storage)
+        placement = Placement(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures)
+        connect_ray(args.address)
+        check_placement(placement)
+        paths = RunPaths(output=str(output.resolve()), storage=storage, name=previous.get("name", "train"),
+                         mlflow_uri=uri, resume=bool(args.resume))
+    return cfg, output, uri, previous, placement, paths
+
+
+def connect_ray(address: str | None) -> None:
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address, log_to_driver=True, configure_logging=False) if address else ray.init()
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"--address: {address}: cannot join the Ray cluster ({str(err).splitlines()[0]})") from None
+
+
+def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int, device: str) -> str:
+    from lsep_tune import tracking
+
+    if previous.get("mlflow_run_id"):
+        return previous["mlflow_run_id"]
+    try:
+        return tracking.create_run(
+            uri, cfg.flat(), {"world_size": world_size, "device": device, "output": str(output.resolve())},
+            run_name=output.name, artifact_location=tracking.artifact_location_for(uri, output),
+        )
+    except Exception as err:  # noqa: BLE001 - any store error is a setup error here
+        raise ConfigError(f"--mlflow-uri: {uri}: cannot create a run ({str(err).splitlines()[0][:200]})") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, output = resolve(args)
-        check_output(output)
+        cfg, output, uri, previous, placement, paths = prepare(args)
+        world = placement.workers if placement else 1
+        device = ("cuda" if (placement and placement.gpus_per_worker) or (not placement and (args.device or "").startswith("cuda"))
+                  else "cpu")
+        run_id = start_tracking(cfg, output, uri, previous, world, device)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    record = {"mlflow_uri": uri, "mlflow_run_id": run_id}
+    if paths:
+        paths.mlflow_run_id = run_id
+        record.update(storage=paths.storage, name=paths.name)
+    (output / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
+    from lsep_tune.tracking import RunTracker, ui_command
+    from lsep_tune.train.loop import TrainingDiverged
+
+    try:
+        if paths is None:
+            summary = run_in_process(cfg, output, args, uri, run_id)
+        else:
+            summary = run_on_ray(cfg, placement, paths)
+    except TrainingDiverged as err:
+        RunTracker(uri, run_id).finish("FAILED")
+        print(f"error: training diverged: {err}", file=sys.stderr)
+        return 1
+    summary.update(mlflow_tracking_uri=uri, mlflow_run_id=run_id)
+    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    RunTracker(uri, run_id).finish("FINISHED")
+    print(json.dumps({k: summary.get(k) for k in ("final_step", "final_loss", "probe_acc", "world_size", "checkpoint")}))
+    print(f"summary: {output / 'summary.json'}")
+    print(f"MLflow: {ui_command(uri)}")
+    return 0
+
+
+def run_in_process(cfg, output: Path, args, uri: str, run_id: str) -> dict:
+    from lsep_tune.tracking import RunTracker
     from lsep_tune.train.context import LocalContext
-    from lsep_tune.train.loop import TrainingDiverged, train_loop
+    from lsep_tune.train.loop import train_loop
 
     ctx = LocalContext(output, cfg.run.keep_checkpoints, device=args.device,
                        resume_from=output if args.resume else None)
+    ctx.callbacks.append(RunTracker(uri, run_id))
     try:
-        summary = train_loop(cfg, ctx)
-    except TrainingDiverged as err:
-        print(f"error: training diverged: {err}", file=sys.stderr)
-        return 1
+        return train_loop(cfg, ctx)
     finally:
         ctx.close()
-    print(json.dumps({k: summary[k] for k in ("final_step", "final_loss", "probe_acc", "checkpoint", "sample_grid")}))
-    print(f"summary: {output / 'summary.json'}")
-    return 0
+
+
+def run_on_ray(cfg, placement, paths) -> dict:
+    from ray.train import TrainingFailedError
+
+    from lsep_tune.train.distributed import build_trainer
+    from lsep_tune.train.loop import TrainingDiverged
+
+    try:
+        result = build_trainer(cfg, placement, paths).fit()
+    except TrainingFailedError as err:
+        if "TrainingDiverged" in str(err):
+            raise TrainingDiverged(str(err).splitlines()[-1]) from None
+        raise
+    summary_file = Path(paths.output) / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else dict(result.metrics or {})
+    if result.checkpoint is not None:
+        summary["checkpoint"] = result.checkpoint.path
+    summary["storage"] = paths.checkpoint_root
+    return summary
 
 
 if __name__ == "__main__":

@@ -59,9 +59,12 @@ class LocalContext:
         ckpt.prune(self.checkpoint_root, self.keep)
         return str(folder)
 
-    def log_artifact(self, path: str | Path) -> None:
+    def all_gather(self, obj) -> list:
+        return [obj]
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         for cb in self.callbacks:
-            cb.log_artifact(path)
+            cb.log_artifact(path, artifact_path)
 
     def close(self) -> None:
         for cb in self.callbacks:

@@ -4,6 +4,7 @@ differs (DDP, reporting, checkpoint storage) is behind the context it is given.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from lsep_tune.config import Config, dump_config
 from lsep_tune.data.loader import StepBatches, load_dataset
 from lsep_tune.models import create_model
 from lsep_tune.objectives import Draws, TrainObjective
-from lsep_tune.train.samples import save_sample_grid
+from lsep_tune.train.samples import evaluate_samples, save_sample_grid
 
 
 class TrainingDiverged(RuntimeError):
@@ -56,6 +57,14 @@ def _maybe_fail(cfg: Config, ctx, step: int) -> None:
     marker.write_text("the failure drill fired here\n")
     print(f"failure drill: rank {ctx.rank} exits at step {step}", flush=True)
     os._exit(17)
+
+
+def parameter_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def train_loop(cfg: Config, ctx) -> dict:
@@ -99,6 +108,7 @@ def train_loop(cfg: Config, ctx) -> dict:
     window_steps = 0
     last_metrics: dict[str, float] = {}
     last_ckpt: str | None = None
+    last_eval: dict[str, float] = {}
     grid_path: str | None = None
     bar = tqdm(total=cfg.run.max_steps, initial=start_step, disable=not (is_main and getattr(ctx, "progress", False)),
                desc="train", dynamic_ncols=True)
@@ -111,8 +121,8 @@ def train_loop(cfg: Config, ctx) -> dict:
         for micro in range(accum):
             x, y = batches.batch(step, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            draws = Draws.for_step(cfg.run.seed, step, micro, local_batch * ctx.world_size,
-                                   ctx.rank * local_batch, local_batch, device)
+            draws = Draws.for_step(cfg.run.seed, step, local_batch * ctx.world_size * accum,
+                                   (micro * ctx.world_size + ctx.rank) * local_batch, local_batch, device)
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(cfg.run.precision, device):
                 loss, metrics = model(x, y, draws, teacher=teacher)
@@ -142,11 +152,15 @@ def train_loop(cfg: Config, ctx) -> dict:
         want_sample = cfg.run.sample_every and done % cfg.run.sample_every == 0
         if is_main and (want_sample or done == cfg.run.max_steps):
             grid_path = str(save_sample_grid(teacher, cfg, out / "samples" / f"grid_step_{done:08d}.png", device))
-            ctx.log_artifact(grid_path)
+            ctx.log_artifact(grid_path, "samples")
         want_ckpt = done % cfg.run.ckpt_every == 0 or done == cfg.run.max_steps
         if done % cfg.run.log_every == 0 or want_ckpt:
             last_metrics = {k: v / window_steps for k, v in window.items()}
             last_metrics["lr"] = optimizer.param_groups[0]["lr"]
+            every = cfg.run.eval_every
+            if every and is_main and (done % every == 0 or done == cfg.run.max_steps):
+                last_eval = {**evaluate_samples(teacher, cfg, device), "eval_step": done}
+            last_metrics.update(last_eval)  # carried forward, so every later report holds the metric
             window, window_steps = {}, 0
             bar.set_postfix({k: f"{last_metrics[k]:.4g}" for k in ("loss", "probe_acc") if k in last_metrics})
             if is_main and bar.disable:
@@ -168,6 +182,15 @@ def train_loop(cfg: Config, ctx) -> dict:
                 last_ckpt = folder
     bar.close()
 
+    # Every rank's parameters should be bit-identical under DDP: record a digest per rank to show it.
+    digests = ctx.all_gather(parameter_digest(objective))
+    ema_path = None
+    if is_main:
+        ema_path = out / "ema_final.pt"
+        torch.save({"step": max(cfg.run.max_steps, start_step), "ema": ema.module.sit.state_dict(),
+                    "config": cfg.to_dict()}, ema_path)
+        ctx.log_artifact(ema_path, "checkpoints")
+
     summary = {
         "final_step": max(cfg.run.max_steps, start_step),
         "start_step": start_step,
@@ -179,6 +202,8 @@ def train_loop(cfg: Config, ctx) -> dict:
         "probe_acc": last_metrics.get("probe_acc"),
         "checkpoint": last_ckpt,
         "sample_grid": grid_path,
+        "ema_checkpoint": str(ema_path) if ema_path else None,
+        "replica_digests": digests,
         "device": str(device),
         "wall_time_s": round(time.time() - started, 2),
     }

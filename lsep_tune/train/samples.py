@@ -39,3 +39,35 @@ def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = 0) -> Path:
     nrow = min(cfg.model.num_classes, n) if cfg.model.num_classes <= 16 else int(n**0.5)
     save_image(x.clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
     return path
+
+
+def decode_to_uint8(x: torch.Tensor, cfg) -> "np.ndarray":
+    """Model-space samples -> uint8 NHWC images (latents go through the configured SD-VAE)."""
+    from lsep_tune.data.digits import to_uint8
+
+    if cfg.data.kind == "latents":
+        from lsep_tune.vae import load_vae
+
+        vae = load_vae(cfg.data.vae_path, device=x.device)
+        x = vae.decode(x / cfg.data.latent_scale)
+    return to_uint8(x)
+
+
+@torch.no_grad()
+def evaluate_samples(sit, cfg, device, seed: int = 12345, chunk: int = 250) -> dict[str, float]:
+    """FID and IS of cfg.run.eval_samples EMA samples against cfg.run.eval_reference."""
+    import numpy as np
+
+    from lsep_tune.evaluation import compute_metrics
+
+    n = cfg.run.eval_samples
+    parts = []
+    for start in range(0, n, chunk):
+        count = min(chunk, n - start)
+        labels = torch.arange(start, start + count) % cfg.model.num_classes
+        parts.append(decode_to_uint8(generate(sit, cfg, count, device, seed=seed + start, labels=labels), cfg))
+    images = np.concatenate(parts)
+    out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
+                          extractor_weights=cfg.run.eval_extractor_weights,
+                          cuda=device.type == "cuda")
+    return {k: out[k] for k in ("fid", "isc_mean") if k in out}

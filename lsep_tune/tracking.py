@@ -1,0 +1,154 @@
+"""MLflow tracking: one run per training run (nested under a search's parent run when searching).
+
+The driver creates the run and logs what is known up front (params, tags); rank 0 of the training
+logs metrics and artifacts into that run id, also after a restart. Metric steps already in MLflow
+are skipped, so a run resumed from a checkpoint leaves no duplicated steps. Tracking is never
+allowed to stop training: an outage warns once and the loop goes on.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import warnings
+from pathlib import Path
+
+DEFAULT_EXPERIMENT = "lsep_tune"
+
+# Fail fast when the server is away instead of retrying for minutes inside a training step.
+_FAST_FAIL_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def default_uri(output_dir: str | Path) -> str:
+    return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
+
+
+def ui_command(uri: str) -> str:
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri} in a browser"
+    return f"mlflow ui --backend-store-uri {uri}"
+
+
+def check_uri(uri: str, timeout: float = 5.0) -> str | None:
+    """None when the tracking store can be used, else what is wrong (for a one-line error)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as resp:
+                if resp.status != 200:
+                    return f"{uri}/health answered HTTP {resp.status}"
+        except (urllib.error.URLError, OSError) as err:
+            return f"cannot reach the MLflow server ({getattr(err, 'reason', err)})"
+        return None
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            return f"cannot create {folder} ({err.strerror})"
+        return None if os.access(folder, os.W_OK) else f"{folder} is not writable"
+    if uri.startswith(("file:", "/")) or "://" not in uri:
+        return None
+    return "expected an http(s):// server, a sqlite:/// file or a local folder"
+
+
+def client(uri: str):
+    for key, value in _FAST_FAIL_ENV.items():
+        os.environ.setdefault(key, value)
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str, artifact_location: str | None = None) -> str:
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return mlflow_client.create_experiment(name, artifact_location=artifact_location)
+
+
+def artifact_location_for(uri: str, output_dir: str | Path) -> str | None:
+    """Local stores keep artifacts beside the database; a server decides for itself."""
+    return None if uri.startswith(("http://", "https://")) else (Path(output_dir).resolve() / "mlartifacts").as_uri()
+
+
+def version_tags() -> dict[str, str]:
+    """Installed versions, read from package metadata (importing Ray just for a tag costs seconds)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    tags = {"python.version": sys.version.split()[0]}
+    for dist in ("lsep_tune", "torch", "ray", "timm", "mlflow", "optuna", "torch-fidelity"):
+        try:
+            tags[f"{dist}.version"] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return tags
+
+
+def create_run(uri: str, params: dict, tags: dict, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
+               parent_run_id: str | None = None, artifact_location: str | None = None) -> str:
+    """Create a run with its params and tags; returns the run id. Raises when the store is away."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp = experiment_id(c, experiment, artifact_location)
+    all_tags = {**version_tags(), **{k: str(v) for k, v in tags.items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = c.create_run(exp, tags=all_tags, run_name=run_name)
+    items = [Param(k, str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+        c.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+class RunTracker:
+    """Rank 0's handle on one MLflow run: metrics by global step, artifacts, and the end status."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client = client(uri)
+        self._failing = False
+        self.logged_through = self._call(self._last_logged_step, default=0) or 0
+
+    def _last_logged_step(self) -> int:
+        history = self._client.get_metric_history(self.run_id, "loss")
+        return max((m.step for m in history), default=0)
+
+    def _call(self, fn, *args, default=None, **kwargs):
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as err:  # tracking must never stop training
+            if not self._failing:
+                warnings.warn(f"MLflow tracking at {self.uri} failed ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]}); training goes on", stacklevel=2)
+            self._failing = True
+            return default
+        if self._failing:
+            print(f"MLflow tracking at {self.uri} works again", file=sys.stderr)
+        self._failing = False
+        return out
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if step <= self.logged_through:
+            return  # already recorded before a restart: keep the series free of duplicate steps
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        if self._call(self._client.log_batch, self.run_id, metrics=batch, default=False) is not False:
+            self.logged_through = step
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        self._call(self._client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        for k, v in tags.items():
+            self._call(self._client.set_tag, self.run_id, k, str(v))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self._call(self._client.set_terminated, self.run_id, status)
+
+    def close(self) -> None:
+        pass

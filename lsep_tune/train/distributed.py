@@ -1,0 +1,200 @@
+"""Ray Train: the same training loop on N workers (DDP via Ray's model preparation).
+
+`RayContext` is the loop's view of a Ray Train worker; `launch` is the driver: it checks the
+request against the cluster before anything starts, creates the MLflow run, and runs a
+`TorchTrainer` whose checkpoints live in the run's storage and which restarts failed workers
+from the latest one (FailureConfig.max_failures).
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from lsep_tune.config import Config, ConfigError
+from lsep_tune.train import checkpoint as ckpt
+
+
+@dataclass
+class Placement:
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+@dataclass
+class RunPaths:
+    output: str  # run folder: config, metrics.jsonl, samples, summary (rank 0)
+    storage: str  # Ray storage path or URI; checkpoints under STORAGE/NAME/step_*
+    name: str
+    mlflow_uri: str | None = None
+    mlflow_run_id: str | None = None
+    resume: bool = False
+
+    @property
+    def checkpoint_root(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+
+class RayContext:
+    """The loop's context inside one Ray Train worker."""
+
+    def __init__(self, paths: RunPaths, keep_checkpoints: int):
+        import ray.train
+        import ray.train.torch
+
+        tctx = ray.train.get_context()
+        self.rank, self.world_size = tctx.get_world_rank(), tctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.paths = paths
+        self.output_dir = Path(paths.output)
+        self.keep = keep_checkpoints
+        self.progress = False
+        self.callbacks: list = []
+        if self.rank == 0 and paths.mlflow_uri and paths.mlflow_run_id:
+            from lsep_tune.tracking import RunTracker
+
+            self.callbacks.append(RunTracker(paths.mlflow_uri, paths.mlflow_run_id))
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        return ray.train.torch.prepare_model(module)
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1 and torch.distributed.is_initialized():
+            tensor = tensor.clone()
+            torch.distributed.all_reduce(tensor)
+            tensor /= self.world_size
+        return tensor
+
+    def all_gather(self, obj) -> list:
+        if self.world_size == 1 or not torch.distributed.is_initialized():
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def resume_state(self) -> dict | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            with checkpoint.as_directory() as folder:
+                return ckpt.load_state(folder)
+        if self.paths.resume and "://" not in self.paths.storage:
+            folder = ckpt.latest(self.paths.checkpoint_root)
+            return ckpt.load_state(folder) if folder else None
+        return None
+
+    def report(self, metrics: dict[str, float], step: int, state: dict | None = None) -> str | None:
+        import ray.train
+
+        payload = {**metrics, "step": step}
+        if self.rank == 0:
+            with (self.output_dir / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(payload) + "\n")
+            for cb in self.callbacks:
+                cb.log_metrics(metrics, step)
+        if state is None or self.rank != 0:
+            ray.train.report(payload, checkpoint=None)  # every rank reports, checkpoint or not
+            return None
+        tmp = Path(tempfile.mkdtemp(prefix="lsep_ckpt_"))
+        try:
+            ckpt.save_state(tmp, state)
+            name = ckpt.step_folder("", step).name
+            ray.train.report(payload, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                             checkpoint_dir_name=name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return f"{self.paths.checkpoint_root}/{name}"
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        for cb in self.callbacks:
+            cb.log_artifact(path, artifact_path)
+
+    def close(self) -> None:
+        for cb in self.callbacks:
+            cb.close()
+
+
+def worker_main(payload: dict) -> None:
+    """Entry point of every Ray Train worker."""
+    from lsep_tune.config import validate
+    from lsep_tune.train.loop import TrainingDiverged, train_loop
+
+    cfg = validate(payload["config"], "trial config")
+    ctx = RayContext(RunPaths(**payload["paths"]), cfg.run.keep_checkpoints)
+    try:
+        train_loop(cfg, ctx)
+    except TrainingDiverged:
+        for cb in ctx.callbacks:
+            cb.finish("FAILED")
+        raise
+    finally:
+        ctx.close()
+
+
+def check_storage(storage: str) -> None:
+    """Fail early, in one line, when checkpoints could not be written."""
+    if "://" in storage:
+        import pyarrow.fs
+
+        try:
+            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+            fs.create_dir(path, recursive=True)
+        except Exception as err:  # noqa: BLE001 - any backend error means unusable storage
+            raise ConfigError(f"--storage: {storage}: not usable ({str(err).splitlines()[0]})") from None
+        return
+    folder = Path(storage)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"--storage: {storage}: not writable ({err.strerror})") from None
+
+
+def check_placement(placement: Placement) -> None:
+    """The cluster must be able to place every worker now; otherwise Ray would wait forever."""
+    import ray
+
+    if placement.workers < 1:
+        raise ConfigError(f"--workers: {placement.workers}: expected 1 or more for a Ray run")
+    total = ray.cluster_resources()
+    need_cpu = placement.workers * placement.cpus_per_worker
+    need_gpu = placement.workers * placement.gpus_per_worker
+    if need_cpu > total.get("CPU", 0):
+        raise ConfigError(f"--workers: {placement.workers} workers x {placement.cpus_per_worker:g} CPUs need "
+                          f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
+    if need_gpu > total.get("GPU", 0):
+        raise ConfigError(f"--gpus-per-worker: {placement.workers} workers x {placement.gpus_per_worker:g} GPUs "
+                          f"need {need_gpu:g} GPUs, the cluster has {total.get('GPU', 0):g}")
+
+
+def build_trainer(cfg: Config, placement: Placement, paths: RunPaths, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": placement.cpus_per_worker}
+    if placement.gpus_per_worker:
+        resources["GPU"] = placement.gpus_per_worker
+    return TorchTrainer(
+        worker_main,
+        train_loop_config={"config": cfg.to_dict(), "paths": asdict(paths)},
+        scaling_config=ScalingConfig(num_workers=placement.workers, use_gpu=placement.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=paths.name,
+            storage_path=paths.storage,
+            failure_config=FailureConfig(max_failures=placement.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.keep_checkpoints),
+            callbacks=callbacks or None,
+        ),
+    )
