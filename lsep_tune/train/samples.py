@@ -46,10 +46,9 @@ def decode_to_uint8(x: torch.Tensor, cfg) -> "np.ndarray":
     from lsep_tune.data.digits import to_uint8
 
     if cfg.data.kind == "latents":
-        from lsep_tune.vae import load_vae
+        from lsep_tune.vae import decode, load_vae
 
-        vae = load_vae(cfg.data.vae_path, device=x.device)
-        x = vae.decode(x / cfg.data.latent_scale)
+        x = decode(load_vae(cfg.data.vae_path).to(x.device), x, cfg.data.latent_scale)
     return to_uint8(x)
 
 
