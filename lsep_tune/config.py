@@ -121,6 +121,8 @@ class RunConfig(StrictModel):
     sample_every: int = Field(0, ge=0, description="sample-grid PNG interval; 0 = only at the end")
     eval_every: int = Field(0, ge=0, description="in-training FID/IS interval (EMA samples); 0 = off")
     eval_samples: int = Field(1000, ge=2, description="samples per in-training evaluation")
+    final_eval_samples: int = Field(0, ge=0, description="samples for one large evaluation at the end (50000 for "
+                                    "the paper table); 0 = none")
     eval_reference: str = Field("digits", description="'digits', an ADM reference npz, an image folder or a stats file")
     eval_extractor_weights: str | None = Field(None, description="local feature-extractor weights (offline Inception)")
     fail_at_step: int | None = Field(None, ge=1, description="failure drill: the chosen rank exits at this step, once")

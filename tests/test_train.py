@@ -74,3 +74,16 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["start_step"] == 2 and summary["final_step"] == 4
     assert main(["--resume", str(tmp_path / "missing")]) == 2
+
+
+def test_in_training_evaluation_reports_digits_fid(tmp_path):
+    cfg = load_config(preset="digits", overrides=[
+        "model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2", "run.max_steps=6", "run.log_every=2",
+        "run.eval_every=4", "run.eval_samples=200", "run.final_eval_samples=300", "sampling.steps=4"])
+    summary = train_loop(cfg, LocalContext(tmp_path, keep_checkpoints=1, device="cpu"))
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert "fid" not in logged[0]  # step 2: no evaluation yet
+    assert logged[1]["eval_step"] == 4 and logged[2]["eval_step"] == 6  # every 4 steps and at the end
+    assert logged[1]["fid"] > 1.0 and 1.0 <= logged[1]["isc_mean"] <= 10.0  # an untrained model is far off
+    assert logged[1]["fid"] != logged[2]["fid"]
+    assert summary["fid"] == logged[2]["fid"] and summary["final_eval"]["fid"] > 1.0

@@ -83,7 +83,7 @@ def train_loop(cfg: Config, ctx) -> dict:
     use_scaler = cfg.run.precision == "fp16"
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
-    start_step = 0
+    start_step, earlier_cost = 0, 0.0
     state = ctx.resume_state()
     if state is not None:
         objective.load_state_dict(state["model"])
@@ -91,6 +91,7 @@ def train_loop(cfg: Config, ctx) -> dict:
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step = int(state["step"])
+        earlier_cost = float(state.get("train_cost", 0.0))
     model = ctx.prepare(objective)
 
     accum = cfg.optim.grad_accum_steps
@@ -157,6 +158,8 @@ def train_loop(cfg: Config, ctx) -> dict:
         if done % cfg.run.log_every == 0 or want_ckpt:
             last_metrics = {k: v / window_steps for k, v in window.items()}
             last_metrics["lr"] = optimizer.param_groups[0]["lr"]
+            # Wall-clock seconds of training so far, restarts included: the cost side of a search.
+            last_metrics["train_cost"] = earlier_cost + time.time() - started
             every = cfg.run.eval_every
             if every and is_main and (done % every == 0 or done == cfg.run.max_steps):
                 last_eval = {**evaluate_samples(teacher, cfg, device), "eval_step": done}
@@ -176,6 +179,7 @@ def train_loop(cfg: Config, ctx) -> dict:
                     "scaler": scaler.state_dict(),
                     "config": cfg.to_dict(),
                     "world_size": ctx.world_size,
+                    "train_cost": last_metrics["train_cost"],
                 }
             folder = ctx.report(last_metrics, done, train_state)
             if folder:
@@ -191,6 +195,12 @@ def train_loop(cfg: Config, ctx) -> dict:
                     "config": cfg.to_dict()}, ema_path)
         ctx.log_artifact(ema_path, "checkpoints")
 
+    final_eval = None
+    if is_main and cfg.run.final_eval_samples:
+        final_eval = evaluate_samples(teacher, cfg, device, n=cfg.run.final_eval_samples)
+        for cb in getattr(ctx, "callbacks", []):
+            cb.log_metrics({f"final_{k}": v for k, v in final_eval.items()}, max(cfg.run.max_steps, start_step))
+
     summary = {
         "final_step": max(cfg.run.max_steps, start_step),
         "start_step": start_step,
@@ -200,6 +210,8 @@ def train_loop(cfg: Config, ctx) -> dict:
         "final_loss": last_metrics.get("loss"),
         "final_flow_loss": last_metrics.get("flow_loss"),
         "probe_acc": last_metrics.get("probe_acc"),
+        "fid": last_metrics.get("fid"),
+        "final_eval": final_eval,
         "checkpoint": last_ckpt,
         "sample_grid": grid_path,
         "ema_checkpoint": str(ema_path) if ema_path else None,

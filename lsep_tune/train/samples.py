@@ -36,6 +36,8 @@ def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = 0) -> Path:
     if cfg.data.kind == "latents":
         x = x[:, :3] / cfg.data.latent_scale
         x = x / x.abs().amax().clamp_min(1e-6)
+    if x.shape[-1] < 32:  # tiny images (digits are 8x8): enlarge so a person can see them
+        x = torch.nn.functional.interpolate(x, scale_factor=32 // x.shape[-1], mode="nearest")
     nrow = min(cfg.model.num_classes, n) if cfg.model.num_classes <= 16 else int(n**0.5)
     save_image(x.clamp(-1, 1), path, nrow=nrow, normalize=True, value_range=(-1, 1), padding=1)
     return path
@@ -53,13 +55,13 @@ def decode_to_uint8(x: torch.Tensor, cfg) -> "np.ndarray":
 
 
 @torch.no_grad()
-def evaluate_samples(sit, cfg, device, seed: int = 12345, chunk: int = 250) -> dict[str, float]:
-    """FID and IS of cfg.run.eval_samples EMA samples against cfg.run.eval_reference."""
+def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = 12345, chunk: int = 250) -> dict[str, float]:
+    """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference."""
     import numpy as np
 
     from lsep_tune.evaluation import compute_metrics
 
-    n = cfg.run.eval_samples
+    n = n or cfg.run.eval_samples
     parts = []
     for start in range(0, n, chunk):
         count = min(chunk, n - start)
