@@ -87,3 +87,16 @@ def test_in_training_evaluation_reports_digits_fid(tmp_path):
     assert logged[1]["fid"] > 1.0 and 1.0 <= logged[1]["isc_mean"] <= 10.0  # an untrained model is far off
     assert logged[1]["fid"] != logged[2]["fid"]
     assert summary["fid"] == logged[2]["fid"] and summary["final_eval"]["fid"] > 1.0
+
+
+def test_diverging_run_ends_as_failed(tmp_path, capsys):
+    args = ["--preset", "digits", "--set", "model.name=SiT-Tiny/2", "--set", "objective.lsep.encoder_depth=2",
+            "--set", "optim.lr=1e4", "--set", "optim.grad_clip=0", "--max-steps", "50", "--output", str(tmp_path / "run")]
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "training diverged: non-finite loss" in err
+    from mlflow.tracking import MlflowClient
+
+    run_id = json.loads((tmp_path / "run" / "run.json").read_text())["mlflow_run_id"]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FAILED"

@@ -180,17 +180,13 @@ def run_in_process(cfg, output: Path, args, uri: str, run_id: str) -> dict:
 
 
 def run_on_ray(cfg, placement, paths) -> dict:
-    from ray.train import TrainingFailedError
-
-    from lsep_tune.train.distributed import build_trainer
+    from lsep_tune.train.distributed import build_trainer, divergence
     from lsep_tune.train.loop import TrainingDiverged
 
-    try:
-        result = build_trainer(cfg, placement, paths).fit()
-    except TrainingFailedError as err:
-        if "TrainingDiverged" in str(err):
-            raise TrainingDiverged(str(err).splitlines()[-1]) from None
-        raise
+    result = build_trainer(cfg, placement, paths).fit()
+    diverged = divergence(paths.output)
+    if diverged:
+        raise TrainingDiverged(diverged["error"], diverged["step"])
     summary_file = Path(paths.output) / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else dict(result.metrics or {})
     if result.checkpoint is not None:

@@ -19,6 +19,16 @@ from lsep_tune.config import Config, ConfigError
 from lsep_tune.train import checkpoint as ckpt
 
 
+DIVERGED_KEY = "diverged"  # reported (= 1.0) by a run whose loss became non-finite
+DIVERGED_FILE = "diverged.json"  # rank 0 leaves it in the run folder: what the driver checks
+
+
+def divergence(output: str | Path) -> dict | None:
+    """The divergence record a run left in its folder, if it diverged."""
+    path = Path(output) / DIVERGED_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 @dataclass
 class Placement:
     workers: int = 1
@@ -128,14 +138,21 @@ def worker_main(payload: dict) -> None:
     from lsep_tune.config import validate
     from lsep_tune.train.loop import TrainingDiverged, train_loop
 
+    import ray.train
+
     cfg = validate(payload["config"], "trial config")
     ctx = RayContext(RunPaths(**payload["paths"]), cfg.run.keep_checkpoints)
     try:
         train_loop(cfg, ctx)
-    except TrainingDiverged:
+    except TrainingDiverged as err:
+        # Every rank sees the same all-reduced loss, so all get here at the same step. Reporting
+        # (instead of raising) keeps Ray Train from restarting a run that would only diverge again.
+        record = {DIVERGED_KEY: 1.0, "step": err.step, "error": str(err)}
+        if ctx.rank == 0:
+            (ctx.output_dir / DIVERGED_FILE).write_text(json.dumps(record) + "\n")
         for cb in ctx.callbacks:
             cb.finish("FAILED")
-        raise
+        ray.train.report(record, checkpoint=None)
     finally:
         ctx.close()
 

@@ -25,6 +25,10 @@ from lsep_tune.train.samples import evaluate_samples, save_sample_grid
 class TrainingDiverged(RuntimeError):
     """The loss or gradient norm became non-finite: the run (or search trial) has failed."""
 
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
+
 
 def build_objective(cfg: Config) -> TrainObjective:
     m = cfg.model
@@ -57,6 +61,16 @@ def _maybe_fail(cfg: Config, ctx, step: int) -> None:
     marker.write_text("the failure drill fired here\n")
     print(f"failure drill: rank {ctx.rank} exits at step {step}", flush=True)
     os._exit(17)
+
+
+def trim_metrics(path: Path, start_step: int) -> None:
+    """Drop records past the checkpoint a run resumes from: those steps are trained again."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= start_step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -102,6 +116,7 @@ def train_loop(cfg: Config, ctx) -> dict:
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
+        trim_metrics(out / "metrics.jsonl", start_step)
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     teacher = ema.module.sit
@@ -140,7 +155,8 @@ def train_loop(cfg: Config, ctx) -> dict:
         reduced = ctx.all_reduce_mean(torch.stack([step_metrics[k].to(device) for k in names])).tolist()
         values = dict(zip(names, reduced))
         if not math.isfinite(values["loss"]) or (not use_scaler and not math.isfinite(values["grad_norm"])):
-            raise TrainingDiverged(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step}")
+            raise TrainingDiverged(
+                f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step + 1}", step + 1)
         scaler.step(optimizer)
         scaler.update()
         ema.update(objective, step=step + 1)

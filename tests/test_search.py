@@ -1,0 +1,177 @@
+"""`python -m lsep_tune.search` on a real local Ray with real MLflow and Optuna storage."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lsep_tune.search.__main__ import main
+
+TINY_OVERRIDES = {
+    "model.name": "SiT-Tiny/2", "objective.lsep.encoder_depth": 2, "data.batch_size": 32,
+    "sampling.steps": 2, "sampling.grid_images": 10, "run.ckpt_every": 10, "optim.grad_clip": 0.0,
+}
+GOOD = {"optim.lr": 2e-3}
+
+
+def write_space(path: Path, points, num_samples: int, max_concurrent: int = 2, max_steps: int = 40,
+                scheduler=None, report_every: int = 5) -> Path:
+    space = {
+        "description": "test space",
+        "base": {"preset": "digits"},
+        "overrides": TINY_OVERRIDES,
+        "params": {"optim.lr": {"type": "loguniform", "low": 1e-8, "high": 1e4},
+                   "objective.lsep.uncond_prob": {"type": "uniform", "low": 0.5, "high": 1.0}},
+        "metric": {"name": "flow_loss", "mode": "min"},
+        "searcher": {"type": "tpe", "n_startup_trials": 2},
+        "scheduler": scheduler or {"type": "asha", "grace_period": 10, "reduction_factor": 2},
+        "budget": {"num_samples": num_samples, "max_concurrent": max_concurrent, "workers_per_trial": 1,
+                   "cpus_per_worker": 1, "max_steps": max_steps, "max_failures": 1},
+        "report_every": report_every,
+        "seed": 0,
+        "points_to_evaluate": points,
+    }
+    path.write_text(yaml.safe_dump(space, sort_keys=False))
+    return path
+
+
+def child_runs(summary: dict):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return client, parent, children
+
+
+@pytest.mark.slow
+def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, capsys):
+    points = [
+        GOOD,
+        {"optim.lr": 1e-3},
+        {"optim.lr": 1e-8},  # deliberately bad: it barely learns, so ASHA stops it at a rung
+        {"optim.lr": 1e4},  # diverges: a failed trial, and the search goes on
+    ]
+    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2)
+    out = tmp_path / "search"
+    rc = main(["--space", str(space), "--output", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    trials = {t["params"]["optim.lr"]: t for t in summary["trials"]}
+    assert len(summary["trials"]) == 4
+    assert trials[1e4]["status"] == "failed" and "diverged" in trials[1e4]["error"]
+    assert trials[1e-8]["status"] == "stopped" and trials[1e-8]["step"] < 40
+    assert {trials[2e-3]["status"], trials[1e-3]["status"]} <= {"completed", "stopped"}
+    assert summary["best_params"]["optim.lr"] in (2e-3, 1e-3)
+    assert f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}" in printed
+    assert "best flow_loss" in printed
+
+    # One parent run, one nested child run per trial, with the trial's params and curves.
+    client, parent, children = child_runs(summary)
+    assert len(children) == 4
+    assert {c.data.params["optim.lr"] for c in children} == {str(v) for v in (2e-3, 1e-3, 1e-8, 1e4)}
+    failed = [c for c in children if c.data.params["optim.lr"] == str(1e4)]
+    assert failed[0].info.status == "FAILED"
+    good = [c for c in children if c.data.params["optim.lr"] == str(2e-3)][0]
+    assert len(client.get_metric_history(good.info.run_id, "flow_loss")) >= 2
+    parent_artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"best.yaml", "space.yaml", "summary.json", "plots"} <= parent_artifacts
+    plots = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
+
+    # The Optuna study in its RDB storage: the diverged trial was told to the searcher as the worst value.
+    import optuna
+
+    study = optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"])
+    values = {t.params["optim.lr"]: t.value for t in study.trials}
+    assert values[1e4] == 1e12 and values[2e-3] < values[1e-8] < 1e12
+
+    # best.yaml is a full config that the trainer reruns.
+    from lsep_tune.train.__main__ import main as train_main
+
+    assert train_main(["--config", str(out / "best.yaml"), "--max-steps", "2", "--output", str(tmp_path / "rerun")]) == 0
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_driver(tmp_path):
+    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it."""
+    space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
+                        scheduler={"type": "none"}, report_every=10)
+    out = tmp_path / "search"
+    cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out)]
+    log = open(tmp_path / "first.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    # Kill once the first trial has finished and the second has written a checkpoint.
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        done = list(out.glob("trial_runs/*/summary.json"))
+        ckpts = [p for p in out.glob("trials/*/step_*/state.pt") if p.parent.parent.name not in
+                 {d.parent.name for d in done}]
+        if len(done) >= 1 and ckpts:
+            break
+        assert proc.poll() is None, open(tmp_path / "first.log").read()[-3000:]
+        time.sleep(1)
+    else:
+        pytest.fail("the search did not get far enough to be killed")
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first_done = {p.parent.name: p.stat().st_mtime for p in out.glob("trial_runs/*/summary.json")}
+    assert not (out / "summary.json").exists()
+
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["trials"]) == 3 and all(t["status"] == "completed" for t in summary["trials"])
+    for trial_id, mtime in first_done.items():  # finished trials were not run again
+        assert (out / "trial_runs" / trial_id / "summary.json").stat().st_mtime == mtime
+    starts = [json.loads(p.read_text())["start_step"] for p in out.glob("trial_runs/*/summary.json")]
+    assert any(s > 0 for s in starts)  # the interrupted trial resumed from its checkpoint
+    for metrics in out.glob("trial_runs/*/metrics.jsonl"):
+        steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+        assert steps == [10, 20, 30, 40, 50, 60]  # the history holds each step once
+    client, _, children = child_runs(summary)
+    assert len(children) == 3  # no duplicate MLflow child runs
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")]
+        assert sorted(steps) == [10, 20, 30, 40, 50, 60]
+
+
+BAD_SPACES = [
+    ({"params": {"optim.lr": {"type": "gaussian", "low": 1, "high": 2}}}, "params.optim.lr.type"),
+    ({"params": {"optim.lr": {"type": "uniform", "low": 2.0, "high": 1.0}}}, "params.optim.lr"),
+    ({"params": {"optim.lr": {"type": "uniform", "low": 1e-4, "high": 1e-3,
+                              "when": {"objective.lsep.nonexistent": True}}}}, "params.optim.lr.when"),
+    ({"metric": {"name": "accuracy", "mode": "max"}}, "metric"),
+]
+
+
+@pytest.mark.parametrize("change,field", BAD_SPACES)
+def test_bad_spaces_fail_in_one_line_before_ray(tmp_path, capsys, change, field):
+    import ray
+
+    path = write_space(tmp_path / "bad.yaml", [], num_samples=2)
+    data = yaml.safe_load(path.read_text())
+    data.pop("points_to_evaluate")
+    data.update(change)
+    path.write_text(yaml.safe_dump(data))
+    rc = main(["--space", str(path), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1
+    assert err.startswith(f"error: {path}: {field}")
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_cli_argument_errors(tmp_path, capsys):
+    assert main(["--space", "no-such-space"]) == 2
+    assert "no-such-space" in capsys.readouterr().err
+    assert main(["--num-samples", "0", "--output", str(tmp_path / "x")]) == 2
+    assert "--num-samples: 0" in capsys.readouterr().err
+    assert main(["--resume", "--output", str(tmp_path / "never")]) == 2
+    assert "search.json" in capsys.readouterr().err
