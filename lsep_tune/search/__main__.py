@@ -104,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = sum(r["status"] == "failed" for r in summary["trials"])
     print(f"\n{len(summary['trials'])} trials ({failed} failed) in {summary['wall_time_s']:.0f} s")
     if summary["best_trial"]:
-        print(f"best {summary['metric']}: {summary['best_metric']:.4g} (trial {summary['best_trial']})")
+        best = summary["best_metric"]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items()) if isinstance(best, dict) else f"{best:.4g}"
+        print(f"best {summary['metric']}: {shown} (trial {summary['best_trial']})")
         for key, value in sorted(summary["best_params"].items()):
             print(f"  {key} = {value}")
         print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")

@@ -170,15 +170,20 @@ def trial_table(results, space) -> list[dict]:
 
 def best_trial(rows: list[dict], space) -> dict | None:
     """The best metric among the trials trained furthest: an early rung's FID is not comparable
-    with a fully trained trial's, so trials the scheduler stopped early only win if none went further."""
-    mode = space.modes[0]
-    done = [r for r in rows if r["status"] != "failed" and isinstance(r["metric"], (int, float))
-            and math.isfinite(r["metric"])]
+    with a fully trained trial's, so trials the scheduler stopped early only win if none went further.
+    With several objectives the first decides (the whole Pareto front is in the summary)."""
+    primary, mode = space.metric_names[0], space.modes[0]
+
+    def value(row):
+        v = row["metric"][primary] if isinstance(row["metric"], dict) else row["metric"]
+        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
+
+    done = [r for r in rows if r["status"] != "failed" and value(r) is not None]
     if not done:
         return None
     furthest = max(r["step"] or 0 for r in done)
     done = [r for r in done if (r["step"] or 0) == furthest]
-    return (min if mode == "min" else max)(done, key=lambda r: r["metric"])
+    return (min if mode == "min" else max)(done, key=value)
 
 
 def pareto_front(paths: SearchPaths) -> list[dict]:
@@ -279,7 +284,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         "space": space.source,
         "num_samples": space.budget.num_samples,
         "trials": rows,
-        "best_metric": best["metric"] if best else None,
+        "best_metric": best["metric"] if best else None,  # a dict of objectives when several
         "best_trial": best["id"] if best else None,
         "best_params": best["params"] if best else None,
         "best_config": None,
@@ -300,7 +305,8 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         summary["best_config"] = best_cfg.to_dict()
         summary["best_yaml"] = str(output / "best.yaml")
         parent_tracker.log_artifact(output / "best.yaml")
-        parent_tracker.log_metrics({f"best_{space.metric_names[0]}": float(best["metric"])}, 0)
+        best_values = best["metric"] if isinstance(best["metric"], dict) else {space.metric_names[0]: best["metric"]}
+        parent_tracker.log_metrics({f"best_{k}": float(v) for k, v in best_values.items() if v is not None}, 0)
         parent_tracker.set_tags({"best_trial": best["id"]})
     for plot in optuna_plots(paths, space):
         parent_tracker.log_artifact(plot, "plots")

@@ -202,8 +202,8 @@ def train_loop(cfg: Config, ctx) -> dict:
                 last_ckpt = folder
     bar.close()
 
-    # Every rank's parameters should be bit-identical under DDP: record a digest per rank to show it.
-    digests = ctx.all_gather(parameter_digest(objective))
+    # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
+    digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
     ema_path = None
     if is_main:
         ema_path = out / "ema_final.pt"
