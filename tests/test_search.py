@@ -156,6 +156,7 @@ BAD_SPACES = [
 def test_bad_spaces_fail_in_one_line_before_ray(tmp_path, capsys, change, field):
     import ray
 
+    ray.shutdown()  # whatever an earlier test left: this one must not start Ray
     path = write_space(tmp_path / "bad.yaml", [], num_samples=2)
     data = yaml.safe_load(path.read_text())
     data.pop("points_to_evaluate")

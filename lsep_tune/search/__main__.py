@@ -70,26 +70,26 @@ def prepare(args):
 
 
 def connect(args, space) -> None:
-    import os
-
-    import ray
-
     from lsep_tune.search.runner import check_budget, local_cpus
+    from lsep_tune.train.distributed import connect_ray
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        try:
-            if address:
-                ray.init(address=address)
-            else:
-                ray.init(num_cpus=local_cpus(space))
-        except (ConnectionError, RuntimeError, ValueError) as err:
-            raise ConfigError(f"--address: {address}: cannot join the Ray cluster ({str(err).splitlines()[0]})") from None
+    args.started_ray = connect_ray(args.address, num_cpus=local_cpus(space))
     check_budget(space)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.started_ray = False
+    try:
+        return _main(args)
+    finally:
+        if args.started_ray:  # a local Ray this command started ends with it
+            import ray
+
+            ray.shutdown()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
         connect(args, space)

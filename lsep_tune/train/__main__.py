@@ -76,6 +76,7 @@ def prepare(args: argparse.Namespace):
     from lsep_tune import tracking
 
     cfg, output = resolve(args)
+    check_output(output)
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
     uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
@@ -84,33 +85,18 @@ def prepare(args: argparse.Namespace):
         raise ConfigError(f"--mlflow-uri: {uri}: {problem}")
     if args.workers < 0:
         raise ConfigError(f"--workers: {args.workers}: expected 0 (in-process) or more")
-    check_output(output)
     placement = paths = None
     if args.workers > 0:
-        from lsep_tune.train.distributed import Placement, RunPaths, check_placement, check_storage
+        from lsep_tune.train.distributed import Placement, RunPaths, check_placement, check_storage, connect_ray
 
         storage = args.storage or previous.get("storage") or str((output / "ray").resolve())
         check_storage(storage)
         placement = Placement(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures)
-        connect_ray(args.address)
+        args.started_ray = connect_ray(args.address)
         check_placement(placement)
         paths = RunPaths(output=str(output.resolve()), storage=storage, name=previous.get("name", "train"),
                          mlflow_uri=uri, resume=bool(args.resume))
     return cfg, output, uri, previous, placement, paths
-
-
-def connect_ray(address: str | None) -> None:
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False) if address else ray.init()
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"--address: {address}: cannot join the Ray cluster ({str(err).splitlines()[0]})") from None
 
 
 def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int, device: str) -> str:
@@ -129,6 +115,17 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.started_ray = False
+    try:
+        return _main(args)
+    finally:
+        if args.started_ray:  # a local Ray this command started ends with it
+            import ray
+
+            ray.shutdown()
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         cfg, output, uri, previous, placement, paths = prepare(args)
         world = placement.workers if placement else 1

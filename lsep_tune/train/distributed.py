@@ -157,6 +157,25 @@ def worker_main(payload: dict) -> None:
         ctx.close()
 
 
+def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Join the given cluster, or start a local Ray; True when this call started Ray here."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        if address:
+            ray.init(address=address)
+        else:
+            ray.init(num_cpus=num_cpus)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"--address: {address}: cannot join the Ray cluster ({str(err).splitlines()[0]})") from None
+    return True
+
+
 def check_storage(storage: str) -> None:
     """Fail early, in one line, when checkpoints could not be written."""
     if "://" in storage:
