@@ -6,6 +6,7 @@ the conditional velocity is used alone.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -62,15 +63,13 @@ def sample(
             x_pred = x - h * v
             x = x - 0.5 * h * (v + v_fn(x_pred, t_next))
         elif mode == "sde":
-            # Reverse SDE with diffusion g^2 = 2 sigma_t: drift v - g^2/2 * score = v + eps_hat.
-            # The last step is the mean step, so the output carries no fresh noise.
-            _, sigma, _, _ = interpolant(torch.tensor(t_cur, dtype=torch.float64), path_type)
-            x_mean = x - h * (v + _eps_from_velocity(x, v, t_cur, path_type))
             if i == steps - 1:
-                x = x - h * v
+                x = x - h * v  # the last step is the mean (ODE) step: the output carries no fresh noise
             else:
+                # Reverse SDE with diffusion g^2 = 2 sigma_t: drift v - g^2/2 * score = v + eps_hat.
+                _, sigma, _, _ = interpolant(torch.tensor(t_cur, dtype=torch.float64), path_type)
                 z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-                x = x_mean + torch.sqrt(2 * sigma * h).item() * z
+                x = x - h * (v + _eps_from_velocity(x, v, t_cur, path_type)) + math.sqrt(2 * float(sigma) * h) * z
         else:
             raise ValueError(f"unknown sampling mode {mode!r}")
     return x

@@ -100,3 +100,14 @@ def test_diverging_run_ends_as_failed(tmp_path, capsys):
     run_id = json.loads((tmp_path / "run" / "run.json").read_text())["mlflow_run_id"]
     client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlflow.db'}")
     assert client.get_run(run_id).info.status == "FAILED"
+
+
+def test_bf16_autocast_path_trains(tmp_path):
+    cfg = load_config(preset="digits", overrides=["model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2",
+                                                  "objective.sra.enabled=true", "objective.sra.block_out_s=1",
+                                                  "objective.sra.block_out_t=3", "run.precision=bf16",
+                                                  "run.max_steps=3", "run.log_every=1", "sampling.steps=2"])
+    summary = train_loop(cfg, LocalContext(tmp_path, keep_checkpoints=1, device="cpu"))
+    state = ckpt.load_state(summary["checkpoint"])
+    assert summary["final_step"] == 3 and all(t.dtype == torch.float32 for t in state["model"].values())
+    assert summary["final_metrics"]["sra_loss"] > 0

@@ -125,13 +125,19 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
 
 
+def requested_device(args: argparse.Namespace, placement) -> str:
+    if placement is not None:
+        return "cuda" if placement.gpus_per_worker else "cpu"
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg, output, uri, previous, placement, paths = prepare(args)
         world = placement.workers if placement else 1
-        device = ("cuda" if (placement and placement.gpus_per_worker) or (not placement and (args.device or "").startswith("cuda"))
-                  else "cpu")
-        run_id = start_tracking(cfg, output, uri, previous, world, device)
+        run_id = start_tracking(cfg, output, uri, previous, world, requested_device(args, placement))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
