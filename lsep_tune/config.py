@@ -278,5 +278,17 @@ def load_config(
     return validate(data, source)
 
 
+def require_writable_dir(folder: str | Path, field: str) -> None:
+    """Create `folder` and prove a file can be written there, or fail in one line blaming `field`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{field}: {folder}: not writable ({err.strerror})") from None
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -89,7 +89,7 @@ def version_tags() -> dict[str, str]:
 def create_run(uri: str, params: dict, tags: dict, run_name: str, experiment: str = DEFAULT_EXPERIMENT,
                parent_run_id: str | None = None, artifact_location: str | None = None) -> str:
     """Create a run with its params and tags; returns the run id. Raises when the store is away."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param
 
     c = client(uri)
     exp = experiment_id(c, experiment, artifact_location)

@@ -4,11 +4,10 @@ import math
 import pytest
 import torch
 
-from lsep_tune.config import load_config
-from lsep_tune.objectives import Draws, TrainObjective
+from lsep_tune.objectives import Draws
 from lsep_tune.objectives.flow import flow_loss, interpolant, make_flow_batch
 from lsep_tune.objectives.lsep import LSEP, crop_window_mask, step_weights
-from lsep_tune.objectives.sra import SRA, alignment_loss
+from lsep_tune.objectives.sra import alignment_loss
 from lsep_tune.train.loop import build_objective
 
 

@@ -231,7 +231,7 @@ BAD = [
      f"params.{L}weight.when.{L}weights_type", "'linear' is never taken"),
     ("condition on a fixed field that never holds",
      cond("objective.sra.t_max", type="uniform", low=0.1, high=0.3, when={"objective.sra.enabled": True}),
-     f"params.objective.sra.t_max.when.objective.sra.enabled", "never holds"),
+     "params.objective.sra.t_max.when.objective.sra.enabled", "never holds"),
     ("metric the trainer never reports", lambda d: d.update(metric={"name": "accuracy", "mode": "max"}),
      "metric.name", "'accuracy' is never reported by the trainer"),
     ("metric of a disabled regularizer", lambda d: d.update(metric={"name": "sra_loss"}),

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from lsep_tune.config import ConfigError
+from lsep_tune.train.distributed import ends_local_ray
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -78,17 +79,10 @@ def connect(args, space) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.started_ray = False
-    try:
-        return _main(args)
-    finally:
-        if args.started_ray:  # a local Ray this command started ends with it
-            import ray
-
-            ray.shutdown()
+    return _main(parse_args(argv))
 
 
+@ends_local_ray
 def _main(args: argparse.Namespace) -> int:
     try:
         space, output, uri = prepare(args)  # everything checkable is checked before Ray starts

@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from lsep_tune import tracking
-from lsep_tune.config import ConfigError, dump_config, flatten
+from lsep_tune.config import dump_config, flatten
 
 STUDY_NAME = "lsep_tune"
 TRIAL_ID_TAG = "lsep_tune.trial_id"
@@ -320,18 +320,12 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
 
 def check_budget(space) -> None:
     """Every trial must fit on the cluster, or Tune would wait forever."""
-    import ray
+    from lsep_tune.train.distributed import Placement, check_placement
 
     b = space.budget
-    total = ray.cluster_resources()
-    need_cpu = b.workers_per_trial * b.cpus_per_worker
-    need_gpu = b.workers_per_trial * b.gpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(f"{space.source}: budget.workers_per_trial: {b.workers_per_trial} workers x "
-                          f"{b.cpus_per_worker:g} CPUs need {need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
-    if need_gpu > total.get("GPU", 0):
-        raise ConfigError(f"{space.source}: budget.gpus_per_worker: {b.workers_per_trial} workers x "
-                          f"{b.gpus_per_worker:g} GPUs need {need_gpu:g} GPUs, the cluster has {total.get('GPU', 0):g}")
+    check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
+                    cpu_field=f"{space.source}: budget.workers_per_trial",
+                    gpu_field=f"{space.source}: budget.gpus_per_worker")
 
 
 def local_cpus(space) -> int:

@@ -7,7 +7,8 @@ import sys
 import time
 from pathlib import Path
 
-from lsep_tune.config import ConfigError, load_config, preset_names
+from lsep_tune.config import ConfigError, load_config, preset_names, require_writable_dir
+from lsep_tune.train.distributed import ends_local_ray
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -61,22 +62,12 @@ def resolve(args: argparse.Namespace):
     return cfg, output
 
 
-def check_output(output: Path) -> None:
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--output: {output}: not writable ({err.strerror})") from None
-
-
 def prepare(args: argparse.Namespace):
     """Everything that can be wrong with the request fails here, before any training starts."""
     from lsep_tune import tracking
 
     cfg, output = resolve(args)
-    check_output(output)
+    require_writable_dir(output, "--output")
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
     uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
@@ -114,15 +105,7 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    args.started_ray = False
-    try:
-        return _main(args)
-    finally:
-        if args.started_ray:  # a local Ray this command started ends with it
-            import ray
-
-            ray.shutdown()
+    return _main(parse_args(argv))
 
 
 def requested_device(args: argparse.Namespace, placement) -> str:
@@ -133,6 +116,7 @@ def requested_device(args: argparse.Namespace, placement) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+@ends_local_ray
 def _main(args: argparse.Namespace) -> int:
     try:
         cfg, output, uri, previous, placement, paths = prepare(args)

@@ -7,6 +7,7 @@ from the latest one (FailureConfig.max_failures).
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from lsep_tune.config import Config, ConfigError
+from lsep_tune.config import Config, ConfigError, require_writable_dir
 from lsep_tune.train import checkpoint as ckpt
 
 
@@ -157,6 +158,23 @@ def worker_main(payload: dict) -> None:
         ctx.close()
 
 
+def ends_local_ray(command):
+    """Decorate a CLI body taking parsed args: a local Ray it started (args.started_ray) ends with it."""
+
+    @functools.wraps(command)
+    def wrapper(args):
+        args.started_ray = False
+        try:
+            return command(args)
+        finally:
+            if args.started_ray:
+                import ray
+
+                ray.shutdown()
+
+    return wrapper
+
+
 def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join the given cluster, or start a local Ray; True when this call started Ray here."""
     import os
@@ -178,39 +196,32 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
 
 def check_storage(storage: str) -> None:
     """Fail early, in one line, when checkpoints could not be written."""
-    if "://" in storage:
-        import pyarrow.fs
-
-        try:
-            fs, path = pyarrow.fs.FileSystem.from_uri(storage)
-            fs.create_dir(path, recursive=True)
-        except Exception as err:  # noqa: BLE001 - any backend error means unusable storage
-            raise ConfigError(f"--storage: {storage}: not usable ({str(err).splitlines()[0]})") from None
+    if "://" not in storage:
+        require_writable_dir(storage, "--storage")
         return
-    folder = Path(storage)
+    import pyarrow.fs
+
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"--storage: {storage}: not writable ({err.strerror})") from None
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.create_dir(path, recursive=True)
+    except Exception as err:  # noqa: BLE001 - any backend error means unusable storage
+        raise ConfigError(f"--storage: {storage}: not usable ({str(err).splitlines()[0]})") from None
 
 
-def check_placement(placement: Placement) -> None:
+def check_placement(placement: Placement, cpu_field: str = "--workers", gpu_field: str = "--gpus-per-worker") -> None:
     """The cluster must be able to place every worker now; otherwise Ray would wait forever."""
     import ray
 
     if placement.workers < 1:
-        raise ConfigError(f"--workers: {placement.workers}: expected 1 or more for a Ray run")
+        raise ConfigError(f"{cpu_field}: {placement.workers}: expected 1 or more for a Ray run")
     total = ray.cluster_resources()
     need_cpu = placement.workers * placement.cpus_per_worker
     need_gpu = placement.workers * placement.gpus_per_worker
     if need_cpu > total.get("CPU", 0):
-        raise ConfigError(f"--workers: {placement.workers} workers x {placement.cpus_per_worker:g} CPUs need "
+        raise ConfigError(f"{cpu_field}: {placement.workers} workers x {placement.cpus_per_worker:g} CPUs need "
                           f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
     if need_gpu > total.get("GPU", 0):
-        raise ConfigError(f"--gpus-per-worker: {placement.workers} workers x {placement.gpus_per_worker:g} GPUs "
+        raise ConfigError(f"{gpu_field}: {placement.workers} workers x {placement.gpus_per_worker:g} GPUs "
                           f"need {need_gpu:g} GPUs, the cluster has {total.get('GPU', 0):g}")
 
 

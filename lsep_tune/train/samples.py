@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torchvision.utils import save_image
 
@@ -43,7 +44,7 @@ def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = 0) -> Path:
     return path
 
 
-def decode_to_uint8(x: torch.Tensor, cfg) -> "np.ndarray":
+def decode_to_uint8(x: torch.Tensor, cfg) -> np.ndarray:
     """Model-space samples -> uint8 NHWC images (latents go through the configured SD-VAE)."""
     from lsep_tune.data.digits import to_uint8
 
@@ -57,8 +58,6 @@ def decode_to_uint8(x: torch.Tensor, cfg) -> "np.ndarray":
 @torch.no_grad()
 def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = 12345, chunk: int = 250) -> dict[str, float]:
     """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference."""
-    import numpy as np
-
     from lsep_tune.evaluation import compute_metrics
 
     n = n or cfg.run.eval_samples
