@@ -107,7 +107,7 @@ def _main(args: argparse.Namespace) -> int:
     else:
         print("no trial finished with a metric")
     print(f"summary: {output / 'summary.json'}")
-    print(f"Optuna study: optuna-dashboard {summary['optuna_storage']}")
+    print(f"Optuna study: optuna-dashboard {summary['optuna_storage']}  (pip install optuna-dashboard)")
     print(f"MLflow: {ui_command(uri)}")
     return 0 if summary["best_trial"] else 1
 
