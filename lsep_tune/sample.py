@@ -31,6 +31,7 @@ from lsep_tune.config import Config, ConfigError, validate
 from lsep_tune.data.digits import to_uint8
 from lsep_tune.models import create_model
 from lsep_tune.sampling import sample
+from lsep_tune.schema import InputError
 from lsep_tune.train.checkpoint import STATE_FILE
 
 EXIT_BAD_INPUT = 2
@@ -45,14 +46,8 @@ _CLI_NAMES = {
 }
 
 
-class SampleError(ValueError):
+class SampleError(InputError):
     """Bad sampling input, one line: ``<source>: <field>: <expectation>``."""
-
-    def __init__(self, source: str, field: str, expectation: str):
-        self.source = str(source)
-        self.field = str(field)
-        self.expectation = " ".join(str(expectation).split())
-        super().__init__(f"{self.source}: {self.field}: {self.expectation}")
 
 
 @dataclass

@@ -13,15 +13,11 @@ from typing import Any
 
 import torch
 
+from lsep_tune.schema import InputError
 
-class VAEError(ValueError):
+
+class VAEError(InputError):
     """Bad VAE input: ``<source>: <field>: <expectation>``."""
-
-    def __init__(self, source: str, field: str, expectation: str):
-        self.source = str(source)
-        self.field = str(field)
-        self.expectation = " ".join(str(expectation).split())
-        super().__init__(f"{self.source}: {self.field}: {self.expectation}")
 
 
 def _model_folder(path: Path) -> tuple[Path, str | None]:
