@@ -1,7 +1,7 @@
 """One typed config for a training run: YAML -> search space -> Tune trial -> every Ray Train worker.
 
 Every knob a search may touch is a field here, with its default taken from the papers. Loading
-errors become one line naming the file, the field and what was expected (`ConfigError`), so a
+errors become one line naming the file, the field and what was expected (`InputError`), so a
 command line tool can print it and exit with code 2 before any worker starts.
 """
 from __future__ import annotations
@@ -15,11 +15,8 @@ import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
 from lsep_tune.models.sit import model_names, parse_model_name
+from lsep_tune.errors import InputError
 from lsep_tune.schema import FieldError, StrictModel
-
-
-class ConfigError(ValueError):
-    """Bad user input; `str(err)` is the one line to print."""
 
 
 class ModelConfig(StrictModel):
@@ -185,25 +182,25 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def _input_error(source: str, err: ValidationError) -> InputError:
     first = err.errors()[0]
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
-        return f"{source}: {ctx_err.field}: {ctx_err}"
+        return InputError(source, ctx_err.field, ctx_err)
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     elif "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
-    return f"{source}: {loc}: {msg}"
+    return InputError(source, loc, msg)
 
 
 def validate(data: dict[str, Any], source: str = "<config>") -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(source, err)) from None
+        raise _input_error(source, err) from None
 
 
 def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -212,7 +209,7 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set: {dotted}: {part} is not a section")
+            raise InputError("override", dotted, f"{part} is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -220,11 +217,11 @@ def set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
 def parse_override(text: str) -> tuple[str, Any]:
     """'objective.lsep.uncond_prob=0.9' -> ('objective.lsep.uncond_prob', 0.9); values parse as YAML."""
     if "=" not in text:
-        raise ConfigError(f"--set: {text}: expected KEY=VALUE")
+        raise InputError("override", text, "expected KEY=VALUE")
     key, raw = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise ConfigError(f"--set: {text}: expected KEY=VALUE")
+        raise InputError("override", text, "expected KEY=VALUE")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:
@@ -240,23 +237,23 @@ def _read_yaml(path: Path, source: str) -> dict[str, Any]:
     try:
         text = path.read_text()
     except OSError as err:
-        raise ConfigError(f"{source}: cannot read: {err.strerror}") from None
+        raise InputError(source, "cannot read", err.strerror) from None
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(source, "invalid YAML", str(err).splitlines()[0]) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: <root>: expected a mapping of config sections")
+        raise InputError(source, "<root>", "expected a mapping of config sections")
     return data
 
 
 def load_raw(preset: str | None = None, path: str | Path | None = None) -> tuple[dict[str, Any], str]:
     """The unvalidated dict of a preset or a YAML file, and the name to blame in errors."""
     if (preset is None) == (path is None):
-        raise ConfigError("config: give exactly one of a preset name or a config file")
+        raise InputError("config", "source", "give exactly one of a preset name or a config file")
     if preset is not None:
         if preset not in preset_names():
-            raise ConfigError(f"--preset: {preset}: unknown preset, expected one of {', '.join(preset_names())}")
+            raise InputError("preset", preset, f"unknown preset, expected one of {', '.join(preset_names())}")
         source = f"preset {preset}"
         return _read_yaml(Path(str(resources.files("lsep_tune.presets") / f"{preset}.yaml")), source), source
     return _read_yaml(Path(path), str(path)), str(path)
@@ -266,28 +263,20 @@ def load_config(
     preset: str | None = None,
     path: str | Path | None = None,
     overrides: list[str] | tuple[str, ...] = (),
+    overrides_name: str = "overrides",
 ) -> Config:
-    """Preset or YAML file, then `--set a.b=value` overrides, then validation (one-line ConfigError)."""
+    """Preset or YAML file, then `a.b=value` overrides, then validation (one-line InputError).
+
+    Errors in an overridden config name the source as "<file> (with <overrides_name>)", so a
+    command line can say which of its flags carried the overrides."""
     data, source = load_raw(preset, path)
     data = copy.deepcopy(data)
     for text in overrides:
         key, value = parse_override(text)
         set_path(data, key, value)
     if overrides:
-        source = f"{source} (with --set)"
+        source = f"{source} (with {overrides_name})"
     return validate(data, source)
-
-
-def require_writable_dir(folder: str | Path, field: str) -> None:
-    """Create `folder` and prove a file can be written there, or fail in one line blaming `field`."""
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / ".write_test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise ConfigError(f"{field}: {folder}: not writable ({err.strerror})") from None
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:

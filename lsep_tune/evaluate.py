@@ -8,7 +8,6 @@ null); everything torch-fidelity or torch says goes to stderr. Bad input prints 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -16,29 +15,21 @@ import sys
 
 from lsep_tune.evaluation import (
     DEFAULT_METRICS,
-    EvaluationError,
     compute_metrics,
     default_cache_dir,
     default_extractor,
     load_samples_npz,
     parse_metrics,
 )
+from lsep_tune.errors import OneLineParser, run_cli
 from lsep_tune.evaluation.extractors import SUPPORTED, check_extractor_name
 
-EXIT_BAD_INPUT = 2
 # How API argument names read on the command line, so messages name what the user typed.
-_CLI_NAMES = {"metrics": "--metrics", "extractor": "--extractor", "extractor_weights": "--extractor-weights"}
+FLAGS = {"metrics": "--metrics", "extractor": "--extractor", "extractor_weights": "--extractor-weights"}
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse, but usage errors are one line in our format, still with exit code 2."""
-
-    def error(self, message: str):
-        self.exit(EXIT_BAD_INPUT, f"error: command line: arguments: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(prog="python -m lsep_tune.evaluate", description=__doc__.splitlines()[0])
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m lsep_tune.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("--samples", required=True, help="npz with uint8 NHWC images under arr_0")
     p.add_argument("--reference", required=True, help="'digits', reference-batch .npz, image folder, or statistics .npz")
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated subset of fid,isc,kid,prc")
@@ -54,23 +45,21 @@ def _finite_or_none(value: float) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        metrics = parse_metrics(args.metrics)
-        if args.extractor is not None:
-            check_extractor_name(args.extractor)
-        samples = load_samples_npz(args.samples)
-        # torch-fidelity and torch.hub print progress with print(); keep stdout for our result.
-        with contextlib.redirect_stdout(sys.stderr):
-            result = compute_metrics(
-                samples, args.reference, metrics, args.extractor, args.extractor_weights, args.cache_dir,
-                samples_name=args.samples,
-            )
-    except EvaluationError as exc:
-        source = _CLI_NAMES.get(exc.source, exc.source)
-        print(f"error: {source}: {exc.field}: {exc.expectation}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return run_cli(lambda: _evaluate(argv), FLAGS)
 
+
+def _evaluate(argv: list[str] | None) -> int:
+    args = build_parser().parse_args(argv)
+    metrics = parse_metrics(args.metrics)
+    if args.extractor is not None:
+        check_extractor_name(args.extractor)
+    samples = load_samples_npz(args.samples)
+    # torch-fidelity and torch.hub print progress with print(); keep stdout for our result.
+    with contextlib.redirect_stdout(sys.stderr):
+        result = compute_metrics(
+            samples, args.reference, metrics, args.extractor, args.extractor_weights, args.cache_dir,
+            samples_name=args.samples,
+        )
     if args.json:
         print(json.dumps({k: _finite_or_none(v) for k, v in result.items()}, allow_nan=False))
         return 0

@@ -1,7 +1,7 @@
 """The SD-VAE decoder that turns sampled latents back into images, loaded only from local disk.
 
 Nothing is downloaded: the VAE must be a local diffusers ``AutoencoderKL`` folder (``config.json``
-plus weights), or a pipeline folder holding one under ``vae/``. Bad input raises :class:`VAEError`,
+plus weights), or a pipeline folder holding one under ``vae/``. Bad input raises :class:`InputError`,
 one line naming the path, the part at fault and what was expected, before any sampling starts.
 The loaded VAE travels to remote workers as (config, state dict), so only the driver needs the
 folder.
@@ -13,11 +13,7 @@ from typing import Any
 
 import torch
 
-from lsep_tune.schema import InputError
-
-
-class VAEError(InputError):
-    """Bad VAE input: ``<source>: <field>: <expectation>``."""
+from lsep_tune.errors import InputError
 
 
 def _model_folder(path: Path) -> tuple[Path, str | None]:
@@ -26,7 +22,7 @@ def _model_folder(path: Path) -> tuple[Path, str | None]:
         return path, None
     if (path / "vae" / "config.json").is_file():
         return path, "vae"
-    raise VAEError(path, "config.json", "expected a local diffusers AutoencoderKL folder (config.json and weights) "
+    raise InputError(path, "config.json", "expected a local diffusers AutoencoderKL folder (config.json and weights) "
                                         "or a pipeline folder with one under vae/; nothing is downloaded")
 
 
@@ -34,21 +30,21 @@ def load_vae(path: str | Path) -> Any:
     """A local ``diffusers.AutoencoderKL`` in eval mode, float32, on the CPU."""
     path = Path(path)
     if not path.exists():
-        raise VAEError(path, "path", "not found; expected a local diffusers AutoencoderKL folder")
+        raise InputError(path, "path", "not found; expected a local diffusers AutoencoderKL folder")
     if not path.is_dir():
-        raise VAEError(path, "path", "expected a folder (diffusers AutoencoderKL, saved with save_pretrained)")
+        raise InputError(path, "path", "expected a folder (diffusers AutoencoderKL, saved with save_pretrained)")
     folder, subfolder = _model_folder(path)
     try:
         from diffusers import AutoencoderKL
     except ImportError as err:
-        raise VAEError(path, "diffusers", f"the diffusers package is needed to decode latents ({err})") from None
+        raise InputError(path, "diffusers", f"the diffusers package is needed to decode latents ({err})") from None
     try:
         # low_cpu_mem_usage=False: without `accelerate` diffusers would warn on every load.
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder=subfolder, local_files_only=True,
                                             low_cpu_mem_usage=False, torch_dtype=torch.float32)
     except (OSError, ValueError, RuntimeError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise VAEError(path, "weights", f"cannot load an AutoencoderKL: {first}") from None
+        raise InputError(path, "weights", f"cannot load an AutoencoderKL: {first}") from None
     return vae.eval().requires_grad_(False)
 
 

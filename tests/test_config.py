@@ -4,7 +4,8 @@ import sys
 import pytest
 import yaml
 
-from lsep_tune.config import ConfigError, load_config, preset_names
+from lsep_tune.config import load_config, preset_names
+from lsep_tune.errors import InputError
 from lsep_tune.train.__main__ import main
 
 
@@ -82,7 +83,7 @@ def test_missing_file_invalid_yaml_and_unwritable_output(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["--preset", "digits", "--output", str(tmp_path / "file" / "run")]) == 2
     assert "--output: " in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="unknown preset"):
+    with pytest.raises(InputError, match="unknown preset"):
         load_config(preset="imagenet1024")
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lsep_tune.train import checkpoint as ckpt
+from lsep_tune import checkpoint as ckpt
 from lsep_tune.train.__main__ import main
 
 pytestmark = pytest.mark.slow
@@ -82,7 +82,7 @@ def test_killed_worker_resumes_exactly_without_duplicate_metrics(two_worker_run,
 
 
 @pytest.mark.parametrize("extra,flag", [
-    (["--workers", "8"], "--workers: 8 workers x 1 CPUs need 8 CPUs, the cluster has 3"),
+    (["--workers", "8"], "--workers: 8: expected at most 3: 8 workers x 1 CPUs need 8 CPUs, the cluster has 3"),
     (["--workers", "1", "--gpus-per-worker", "1"], "--gpus-per-worker: "),
     (["--workers", "1", "--mlflow-uri", "http://127.0.0.1:9"], "--mlflow-uri: http://127.0.0.1:9: cannot reach"),
     (["--workers", "1", "--storage", "/proc/lsep_tune_storage"], "--storage: /proc/lsep_tune_storage: not writable"),

@@ -18,8 +18,8 @@ from PIL import Image
 import lsep_tune.evaluation.extractors as extractors_mod
 from lsep_tune import evaluate as cli
 from lsep_tune.data.digits import heldout_uint8, load_digits_split, to_uint8
+from lsep_tune.errors import InputError
 from lsep_tune.evaluation import (
-    EvaluationError,
     LoadedExtractor,
     ReferenceStatistics,
     UInt8ImageDataset,
@@ -209,13 +209,13 @@ def test_inception_loads_local_state_dict_and_scores(tmp_path):
 def test_inception_refuses_bad_state_dicts(tmp_path):
     wrong = tmp_path / "wrong.pt"
     torch.save({"fc.weight": torch.zeros(3, 3)}, wrong)
-    with pytest.raises(EvaluationError, match="state_dict: does not fit the inception-v3-compat network"):
+    with pytest.raises(InputError, match="state_dict: does not fit the inception-v3-compat network"):
         LoadedExtractor("inception-v3-compat", str(wrong), cuda=False)
     pickled = tmp_path / "pickled.pt"
     torch.save({"x": argparse.Namespace(a=1)}, pickled)  # needs arbitrary unpickling
-    with pytest.raises(EvaluationError, match="weights_only=True"):
+    with pytest.raises(InputError, match="weights_only=True"):
         LoadedExtractor("inception-v3-compat", str(pickled), cuda=False)
-    with pytest.raises(EvaluationError, match="file not found"):
+    with pytest.raises(InputError, match="file not found"):
         LoadedExtractor("inception-v3-compat", str(tmp_path / "missing.pt"), cuda=False)
 
 
@@ -225,7 +225,7 @@ def test_inception_weights_unavailable_offline_says_how_to_provide_them(tmp_path
     images = np.zeros((4, 16, 16, 3), np.uint8)
     ref = tmp_path / "ref.npz"
     np.savez(ref, images)
-    with pytest.raises(EvaluationError) as info:
+    with pytest.raises(InputError) as info:
         compute_metrics(images, str(ref), "fid", cache_dir=str(tmp_path / "cache"))
     message = str(info.value)
     assert "\n" not in message
@@ -264,7 +264,7 @@ def test_reference_cache_and_statistics_files(heldout, train500, tmp_path):
     bare = tmp_path / "bare.npz"
     np.savez(bare, mu=stats.mu, sigma=stats.sigma)
     assert compute_metrics(train500, str(bare), "fid", cache_dir=str(cache))["fid"] == pytest.approx(first["fid"], rel=1e-9)
-    with pytest.raises(EvaluationError, match="features"):
+    with pytest.raises(InputError, match="features"):
         compute_metrics(train500, str(bare), "kid", cache_dir=str(cache))
 
 
@@ -278,7 +278,7 @@ def test_image_folder_reference(heldout, tmp_path):
     rgb = tmp_path / "rgb"
     rgb.mkdir()
     Image.fromarray(np.repeat(heldout[0], 3, axis=2)).save(rgb / "a.png")
-    with pytest.raises(EvaluationError, match="reference images are 8x8x3"):
+    with pytest.raises(InputError, match="reference images are 8x8x3"):
         compute_metrics(heldout[:60], str(rgb), "fid", cache_dir=str(tmp_path / "cache"))
 
 
@@ -306,7 +306,7 @@ def _bad_cases(h):
 @pytest.mark.parametrize("case", list(_bad_cases(np.zeros((1, 8, 8, 1), np.uint8))))
 def test_bad_input_raises_one_line_evaluation_error(case, heldout, tmp_path):
     kwargs, fragment = _bad_cases(heldout)[case]
-    with pytest.raises(EvaluationError) as info:
+    with pytest.raises(InputError) as info:
         compute_metrics(cache_dir=str(tmp_path), **kwargs)
     assert isinstance(info.value, ValueError)
     assert "\n" not in str(info.value)
@@ -316,7 +316,7 @@ def test_bad_input_raises_one_line_evaluation_error(case, heldout, tmp_path):
 def test_reference_at_other_resolution_from_file(heldout, tmp_path):
     ref = tmp_path / "big.npz"
     np.savez(ref, np.zeros((10, 16, 16, 1), np.uint8))
-    with pytest.raises(EvaluationError) as info:
+    with pytest.raises(InputError) as info:
         compute_metrics(heldout, str(ref), "fid", cache_dir=str(tmp_path))
     assert str(info.value).startswith(f"{ref}: shape: reference images are 16x16x1")
 

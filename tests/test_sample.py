@@ -7,8 +7,11 @@ import pytest
 import torch
 
 from lsep_tune.config import load_config
+from lsep_tune.checkpoint import load_checkpoint
+from lsep_tune.errors import InputError
 from lsep_tune.models import create_model
-from lsep_tune.sample import SampleError, generate_samples, load_checkpoint, main
+from lsep_tune.sample import generate_samples
+from lsep_tune.sample.__main__ import main
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.loop import train_loop
 
@@ -205,7 +208,7 @@ def test_bad_input_is_one_line_and_exit_2(digits_ckpt, latent_setup, tmp_path, c
     _bad(capsys, ["--checkpoint", str(ckpt)] + base, tmp_path, "--vae: (not given): the checkpoint is a latent model")
     _bad(capsys, ["--checkpoint", str(ckpt), "--vae", str(empty)] + base, tmp_path, "empty_folder: config.json:")
     _bad(capsys, ["--checkpoint", str(digits_ckpt), "--sampler", "ddim"] + base, tmp_path, "--sampler")
-    with pytest.raises(SampleError, match="workers"):
+    with pytest.raises(InputError, match="workers"):
         generate_samples(digits_ckpt, 4, workers=-1)
 
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lsep_tune.sampling import guided_velocity, sample
+from lsep_tune.sample.solvers import guided_velocity, sample
 
 M, S = 2.0, 0.5
 

@@ -6,7 +6,8 @@ import optuna
 import pytest
 import yaml
 
-from lsep_tune.config import ConfigError, load_config
+from lsep_tune.config import load_config
+from lsep_tune.errors import InputError
 from lsep_tune.search.space import SPACES_DIR, SearchSpace, SpaceError, load_space, space_names
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -285,7 +286,7 @@ def test_bad_space_is_one_line_naming_file_and_field(tmp_path, what, mutate, fie
     with pytest.raises(SpaceError) as err:
         load_space(path)
     text = str(err.value)
-    assert isinstance(err.value, ConfigError) and len(text.splitlines()) == 1
+    assert isinstance(err.value, InputError) and len(text.splitlines()) == 1
     assert text.startswith(f"{path}: {field}: "), text
     assert expectation in text, text
 

@@ -3,8 +3,8 @@ import json
 import torch
 from PIL import Image
 
+from lsep_tune import checkpoint as ckpt
 from lsep_tune.config import load_config
-from lsep_tune.train import checkpoint as ckpt
 from lsep_tune.train.__main__ import main
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.loop import train_loop

@@ -8,7 +8,6 @@ with published numbers) and ``digits``, a small CNN for the embedded 8x8 digits 
 Digits FID is a domain FID measured in the digits CNN's feature space: it ranks digits models
 against each other, but is not comparable with ImageNet (Inception) FID.
 """
-from lsep_tune.evaluation.errors import EvaluationError
 from lsep_tune.evaluation.extractors import (
     DIGITS,
     INCEPTION,
@@ -53,7 +52,6 @@ __all__ = [
     "INCEPTION",
     "METRICS",
     "METRIC_KEYS",
-    "EvaluationError",
     "LoadedExtractor",
     "Reference",
     "ReferenceStatistics",

@@ -29,7 +29,7 @@ from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from
 
 from lsep_tune.evaluation.digits_extractor import IMAGE_SIZE as DIGITS_SIZE
 from lsep_tune.evaluation.digits_extractor import DigitsFeatureExtractor, shipped_weights_bytes
-from lsep_tune.evaluation.errors import EvaluationError
+from lsep_tune.errors import InputError
 
 DIGITS = "digits"
 INCEPTION = "inception-v3-compat"
@@ -77,7 +77,7 @@ def default_extractor(image_shape: tuple[int, int, int] | None, reference: str |
 
 def check_extractor_name(name: str) -> ExtractorSpec:
     if name not in SPECS:
-        raise EvaluationError("extractor", name, f"unknown extractor; expected one of {', '.join(SUPPORTED)}")
+        raise InputError("extractor", name, f"unknown extractor; expected one of {', '.join(SUPPORTED)}")
     return SPECS[name]
 
 
@@ -85,13 +85,13 @@ def check_images_fit(spec: ExtractorSpec, image_shape: tuple[int, int, int], sou
     """Refuse images the network cannot take (the digits CNN only takes 8x8 one-channel images)."""
     h, w, c = image_shape
     if spec.image_size is not None and (h, w) != (spec.image_size, spec.image_size):
-        raise EvaluationError(
+        raise InputError(
             source, "shape",
             f"extractor {spec.name} takes {spec.image_size}x{spec.image_size} images, got {h}x{w}x{c}"
             f" (use --extractor {INCEPTION} for other resolutions)",
         )
     if spec.channels == 1 and c != 1:
-        raise EvaluationError(source, "shape", f"extractor {spec.name} takes one-channel images, got {c} channels")
+        raise InputError(source, "shape", f"extractor {spec.name} takes one-channel images, got {c} channels")
 
 
 def inception_cache_path() -> str:
@@ -111,7 +111,7 @@ def _weights_missing_message(detail: str) -> str:
 def _read_weights_bytes(name: str, weights: str | None) -> bytes:
     if weights is not None:
         if not os.path.isfile(weights):
-            raise EvaluationError(weights, "extractor_weights", "file not found; expected a state dict saved with torch.save")
+            raise InputError(weights, "extractor_weights", "file not found; expected a state dict saved with torch.save")
         with open(weights, "rb") as f:
             return f.read()
     if name == DIGITS:
@@ -123,7 +123,7 @@ def _read_weights_bytes(name: str, weights: str | None) -> bytes:
             # Same URL and cache file torch-fidelity uses; writes to a temp file and renames.
             torch.hub.download_url_to_file(INCEPTION_URL, cached, progress=False)
         except Exception as exc:  # URLError, HTTPError, timeouts, SSL errors: all mean "not available"
-            raise EvaluationError(INCEPTION, "weights", _weights_missing_message(f"download failed: {exc}")) from exc
+            raise InputError(INCEPTION, "weights", _weights_missing_message(f"download failed: {exc}")) from exc
     with open(cached, "rb") as f:
         return f.read()
 
@@ -133,11 +133,11 @@ def _safe_state_dict(data: bytes, source: str) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise EvaluationError(
+        raise InputError(
             source, "state_dict", f"cannot be loaded with torch.load(weights_only=True): {type(exc).__name__}: {exc}"
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
-        raise EvaluationError(source, "state_dict", "expected a dict of parameter name -> tensor (model.state_dict())")
+        raise InputError(source, "state_dict", "expected a dict of parameter name -> tensor (model.state_dict())")
     return state
 
 
@@ -184,7 +184,7 @@ class LoadedExtractor:
                 raise
             first = str(exc).strip().splitlines()
             detail = " ".join(first[:3])[:300]
-            raise EvaluationError(source, "state_dict", f"does not fit the {name} network: {detail}") from exc
+            raise InputError(source, "state_dict", f"does not fit the {name} network: {detail}") from exc
 
     @property
     def feature_layer(self) -> str:

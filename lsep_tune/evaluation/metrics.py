@@ -20,7 +20,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
-from lsep_tune.evaluation.errors import EvaluationError
+from lsep_tune.errors import InputError
 from lsep_tune.evaluation.extractors import LoadedExtractor, check_extractor_name, check_images_fit, default_extractor
 from lsep_tune.evaluation.reference import Reference, check_image_array, reference_statistics, statistics_from_features
 
@@ -48,24 +48,24 @@ def parse_metrics(metrics: str | Iterable[str]) -> tuple[str, ...]:
         if not name:
             continue
         if name not in METRICS:
-            raise EvaluationError("metrics", name, f"unknown metric; expected some of {', '.join(METRICS)}")
+            raise InputError("metrics", name, f"unknown metric; expected some of {', '.join(METRICS)}")
         if name not in out:
             out.append(name)
     if not out:
-        raise EvaluationError("metrics", "(empty)", f"expected at least one of {', '.join(METRICS)}")
+        raise InputError("metrics", "(empty)", f"expected at least one of {', '.join(METRICS)}")
     return tuple(out)
 
 
 def check_samples(samples, source: str = "samples") -> tuple[int, int, int]:
     """Samples must be a uint8 NHWC numpy array (the ADM ``arr_0`` layout); returns (H, W, C)."""
     if not isinstance(samples, np.ndarray):
-        raise EvaluationError(source, "type", f"expected a numpy array of uint8 NHWC images, got {type(samples).__name__}")
+        raise InputError(source, "type", f"expected a numpy array of uint8 NHWC images, got {type(samples).__name__}")
     return check_image_array(samples.shape, samples.dtype, source, "arr_0")
 
 
 def _require(n: int, needed: int, source: str, what: str) -> None:
     if n < needed:
-        raise EvaluationError(source, "count", f"{what} needs at least {needed} images, got {n}")
+        raise InputError(source, "count", f"{what} needs at least {needed} images, got {n}")
 
 
 def compute_metrics(
@@ -90,21 +90,21 @@ def compute_metrics(
     reference: ``digits``, an ADM reference-batch ``.npz`` (``arr_0``), an image folder, or a
     statistics ``.npz`` (mu/sigma[/features]). Returns the keys of the requested metrics among
     fid, isc_mean, isc_std, kid_mean, kid_std, precision, recall. Bad input raises
-    :class:`EvaluationError` before any feature is extracted, where it can be known by then.
+    :class:`InputError` before any feature is extracted, where it can be known by then.
     ``samples_name`` names the samples in error messages (the CLI passes the file path).
     """
     wanted = parse_metrics(metrics)
     for arg, value, least in (("isc_splits", isc_splits, 1), ("kid_subsets", kid_subsets, 1),
                               ("kid_subset_size", kid_subset_size or 2, 2), ("prc_neighborhood", prc_neighborhood, 1)):
         if int(value) < least:
-            raise EvaluationError("metrics", arg, f"expected an integer >= {least}, got {value}")
+            raise InputError("metrics", arg, f"expected an integer >= {least}, got {value}")
     sample_shape = check_samples(samples, samples_name)
     n = int(samples.shape[0])
     ref = Reference(reference) if any(m in wanted for m in ("fid", "kid", "prc")) else None
 
     ref_shape = ref.image_shape() if ref is not None else None
     if ref_shape is not None and ref_shape != sample_shape:
-        raise EvaluationError(
+        raise InputError(
             ref.source, "shape",
             f"reference images are {'x'.join(map(str, ref_shape))} (HxWxC) but samples are {'x'.join(map(str, sample_shape))}",
         )
@@ -126,7 +126,7 @@ def compute_metrics(
     if ref is not None:
         stats = reference_statistics(ref, ext, cache_dir)
         if stats.image_shape is not None and stats.image_shape != sample_shape:
-            raise EvaluationError(
+            raise InputError(
                 ref.source, "image_shape",
                 f"statistics are of {'x'.join(map(str, stats.image_shape))} images but samples are {'x'.join(map(str, sample_shape))}",
             )
@@ -134,7 +134,7 @@ def compute_metrics(
         if "fid" in wanted and m is not None:
             _require(m, 2, ref.source, "FID")
         if ("kid" in wanted or "prc" in wanted) and stats.features is None:
-            raise EvaluationError(
+            raise InputError(
                 ref.source, "features",
                 "KID and precision/recall need reference features; this statistics file holds only mu/sigma (pass the reference images instead)",
             )
@@ -146,7 +146,7 @@ def compute_metrics(
     feats = ext.extract(samples)
     sample_features = feats[ext.feature_layer]
     if stats is not None and stats.mu.shape[0] != sample_features.shape[1]:
-        raise EvaluationError(
+        raise InputError(
             ref.source, "mu", f"has {stats.mu.shape[0]} dims but {name} layer {ext.feature_layer} gives {sample_features.shape[1]}"
         )
 
@@ -177,19 +177,19 @@ def compute_metrics(
 def load_samples_npz(path: str) -> np.ndarray:
     """``arr_0`` of an ADM-layout sample file, validated as uint8 NHWC (no pickles are loaded)."""
     if not os.path.isfile(path):
-        raise EvaluationError(path, "path", "file not found; expected an .npz with uint8 NHWC images under arr_0")
+        raise InputError(path, "path", "file not found; expected an .npz with uint8 NHWC images under arr_0")
     try:
         loaded = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise EvaluationError(path, "format", f"not a readable .npz ({type(exc).__name__}); expected np.savez output with arr_0") from exc
+        raise InputError(path, "format", f"not a readable .npz ({type(exc).__name__}); expected np.savez output with arr_0") from exc
     if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise EvaluationError(path, "format", "a bare .npy array; expected an .npz (np.savez) with uint8 NHWC images under arr_0")
+        raise InputError(path, "format", "a bare .npy array; expected an .npz (np.savez) with uint8 NHWC images under arr_0")
     with loaded as z:
         if "arr_0" not in z.files:
-            raise EvaluationError(path, "arr_0", f"missing (found {', '.join(z.files) or 'nothing'}); expected uint8 NHWC images under arr_0 (ADM sample layout)")
+            raise InputError(path, "arr_0", f"missing (found {', '.join(z.files) or 'nothing'}); expected uint8 NHWC images under arr_0 (ADM sample layout)")
         try:
             samples = z["arr_0"]
         except ValueError as exc:  # e.g. an object array, which would need pickle
-            raise EvaluationError(path, "arr_0", f"not a plain array ({exc}); expected uint8 NHWC images") from exc
+            raise InputError(path, "arr_0", f"not a plain array ({exc}); expected uint8 NHWC images") from exc
     check_samples(samples, path)
     return samples

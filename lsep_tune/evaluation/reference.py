@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -30,7 +29,8 @@ from PIL import Image
 from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.utils import glob_samples_paths
 
-from lsep_tune.evaluation.errors import EvaluationError
+from lsep_tune.errors import InputError
+from lsep_tune.files import atomic_write
 
 STATS_FORMAT = "lsep_tune-reference-stats-v1"
 IMAGE_EXTENSIONS = "png,jpg,jpeg"
@@ -40,22 +40,6 @@ _GREY_MODES = {"1", "L", "LA", "I", "I;16", "F"}
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "lsep_tune", "reference_stats")
-
-
-def _atomic_write(path: str, write) -> None:
-    """Call write(fileobj) on a temp file next to path, then rename: readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 @dataclass
@@ -83,7 +67,8 @@ class ReferenceStatistics:
         for key in ("extractor", "extractor_name", "feature_layer"):
             if getattr(self, key) is not None:
                 arrays[key] = np.array(getattr(self, key))
-        _atomic_write(path, lambda f: np.savez(f, **arrays))
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
 
     @classmethod
     def load(cls, path: str) -> "ReferenceStatistics":
@@ -91,26 +76,26 @@ class ReferenceStatistics:
             with np.load(path, allow_pickle=False) as z:
                 data = {k: z[k] for k in z.files}
         except Exception as exc:
-            raise EvaluationError(path, "format", f"not a readable statistics .npz: {exc}") from exc
+            raise InputError(path, "format", f"not a readable statistics .npz: {exc}") from exc
         for key in ("mu", "sigma"):
             if key not in data:
-                raise EvaluationError(path, key, "missing; a statistics file needs mu (D,) and sigma (D, D)")
+                raise InputError(path, key, "missing; a statistics file needs mu (D,) and sigma (D, D)")
         mu, sigma = data["mu"], data["sigma"]
         if mu.ndim != 1 or not np.issubdtype(mu.dtype, np.floating):
-            raise EvaluationError(path, "mu", f"expected a float vector (D,), got {mu.dtype} {mu.shape}")
+            raise InputError(path, "mu", f"expected a float vector (D,), got {mu.dtype} {mu.shape}")
         d = mu.shape[0]
         if sigma.shape != (d, d) or not np.issubdtype(sigma.dtype, np.floating):
-            raise EvaluationError(path, "sigma", f"expected a float ({d}, {d}) matrix, got {sigma.dtype} {sigma.shape}")
+            raise InputError(path, "sigma", f"expected a float ({d}, {d}) matrix, got {sigma.dtype} {sigma.shape}")
         features = data.get("features")
         if features is not None and (features.ndim != 2 or features.shape[1] != d):
-            raise EvaluationError(path, "features", f"expected (N, {d}), got {features.shape}")
+            raise InputError(path, "features", f"expected (N, {d}), got {features.shape}")
 
         def text(key):
             return str(data[key][()]) if key in data else None
 
         shape = data.get("image_shape")
         if shape is not None and shape.shape != (3,):
-            raise EvaluationError(path, "image_shape", f"expected (H, W, C), got {shape.tolist()}")
+            raise InputError(path, "image_shape", f"expected (H, W, C), got {shape.tolist()}")
         return cls(
             mu=mu, sigma=sigma, features=features,
             num_images=int(data["num_images"]) if "num_images" in data else (len(features) if features is not None else None),
@@ -145,12 +130,12 @@ def _peek_npy_in_npz(path: str, key: str) -> tuple[tuple[int, ...], np.dtype]:
 def check_image_array(shape: tuple[int, ...], dtype: np.dtype, source: str, field: str) -> tuple[int, int, int]:
     """uint8 NHWC with 1 or 3 channels and at least one image; returns (H, W, C)."""
     if np.dtype(dtype) != np.uint8:
-        raise EvaluationError(source, field, f"expected uint8 images (ADM npz layout), got dtype {np.dtype(dtype)}")
+        raise InputError(source, field, f"expected uint8 images (ADM npz layout), got dtype {np.dtype(dtype)}")
     if len(shape) != 4 or shape[3] not in (1, 3):
         hint = " (looks like NCHW; transpose to NHWC)" if len(shape) == 4 and shape[1] in (1, 3) else ""
-        raise EvaluationError(source, field, f"expected shape (N, H, W, C) with C = 1 or 3, got {tuple(shape)}{hint}")
+        raise InputError(source, field, f"expected shape (N, H, W, C) with C = 1 or 3, got {tuple(shape)}{hint}")
     if shape[0] == 0 or shape[1] == 0 or shape[2] == 0:
-        raise EvaluationError(source, field, f"expected at least one non-empty image, got shape {tuple(shape)}")
+        raise InputError(source, field, f"expected at least one non-empty image, got shape {tuple(shape)}")
     return int(shape[1]), int(shape[2]), int(shape[3])
 
 
@@ -173,14 +158,14 @@ class Reference:
             self.kind, self.path = "folder", reference
             self._files = glob_samples_paths(reference, False, IMAGE_EXTENSIONS, None, verbose=False)
             if not self._files:
-                raise EvaluationError(reference, "images", f"folder holds no {IMAGE_EXTENSIONS} files")
+                raise InputError(reference, "images", f"folder holds no {IMAGE_EXTENSIONS} files")
         elif os.path.isfile(reference):
             self.path = reference
             try:
                 with np.load(reference, allow_pickle=False) as z:
                     keys = set(z.files)
             except Exception as exc:
-                raise EvaluationError(
+                raise InputError(
                     reference, "format", "expected an .npz (reference batch with arr_0, or statistics with mu/sigma)"
                 ) from exc
             if "arr_0" in keys:
@@ -188,11 +173,11 @@ class Reference:
             elif {"mu", "sigma"} <= keys:
                 self.kind = "stats"
             else:
-                raise EvaluationError(
+                raise InputError(
                     reference, "arr_0", "missing; expected uint8 NHWC images under arr_0 (ADM reference batch) or mu/sigma statistics"
                 )
         else:
-            raise EvaluationError(
+            raise InputError(
                 reference, "path", "not found; expected an .npz reference batch or statistics file, an image folder, or 'digits'"
             )
 
@@ -245,12 +230,12 @@ class Reference:
                 if first is None:
                     first = arr.shape
                 elif arr.shape != first:
-                    raise EvaluationError(
+                    raise InputError(
                         f, "shape", f"all images in {self.path} must share one size and channel count; expected {first}, got {arr.shape}"
                     )
                 arrays.append(arr)
             return np.stack(arrays)
-        raise EvaluationError(self.source, "arr_0", "a statistics file holds no images")
+        raise InputError(self.source, "arr_0", "a statistics file holds no images")
 
 
 def cache_key(content_digest: str, extractor_identity: str, feature_layer: str) -> str:
@@ -269,15 +254,15 @@ def reference_statistics(ref: Reference, extractor, cache_dir: str | None = None
     if ref.kind == "stats":
         stats = ReferenceStatistics.load(ref.path)
         if stats.extractor_name is not None and stats.extractor_name != extractor.name:
-            raise EvaluationError(
+            raise InputError(
                 ref.path, "extractor_name", f"statistics were computed with {stats.extractor_name}, not {extractor.name}"
             )
         if stats.extractor is not None and stats.extractor != extractor.identity:
-            raise EvaluationError(
+            raise InputError(
                 ref.path, "extractor", f"statistics were computed with other {extractor.name} weights ({stats.extractor})"
             )
         if stats.feature_layer is not None and stats.feature_layer != extractor.feature_layer:
-            raise EvaluationError(
+            raise InputError(
                 ref.path, "feature_layer", f"statistics use layer {stats.feature_layer}, expected {extractor.feature_layer}"
             )
         return stats
@@ -290,7 +275,7 @@ def reference_statistics(ref: Reference, extractor, cache_dir: str | None = None
             cached = ReferenceStatistics.load(entry)
             if cached.extractor == extractor.identity and cached.features is not None:
                 return cached
-        except EvaluationError:
+        except InputError:
             pass  # a damaged entry is recomputed and replaced below
 
     images = ref.load_images()

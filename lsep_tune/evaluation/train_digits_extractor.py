@@ -8,19 +8,19 @@ split only (the held-out split is the FID reference) and takes well under a minu
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
 import math
 import os
 import sys
-import tempfile
 
 import torch
 import torch.nn.functional as F
 
 from lsep_tune.data.digits import load_digits_split, to_uint8
+from lsep_tune.errors import OneLineParser, run_cli
 from lsep_tune.evaluation.digits_extractor import DigitsCNN, uint8_to_model_space
+from lsep_tune.files import atomic_write, require_writable_dir
 
 SEED = 0
 EPOCHS = 40
@@ -106,28 +106,22 @@ def state_dict_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def save_state_dict(state: dict[str, torch.Tensor], out: str) -> None:
-    """Write atomically (temp file + rename) so an interrupted run leaves no half-written weights."""
-    data = state_dict_bytes(state)
-    out_dir = os.path.dirname(os.path.abspath(out))
-    os.makedirs(out_dir, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".digits_cnn.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; weights are meant to be shared
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write atomically so an interrupted run leaves no half-written weights."""
+    with atomic_write(out) as fh:
+        fh.write(state_dict_bytes(state))
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    return run_cli(lambda: _train(argv))
+
+
+def _train(argv: list[str] | None) -> int:
+    parser = OneLineParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="where to write the state dict (torch.save)")
     parser.add_argument("--seed", type=int, default=SEED)
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     args = parser.parse_args(argv)
+    require_writable_dir(os.path.dirname(os.path.abspath(args.out)), "--out")
     state, accuracy = train_digits_cnn(seed=args.seed, epochs=args.epochs)
     save_state_dict(state, args.out)
     print(f"held-out accuracy: {accuracy:.4f}")

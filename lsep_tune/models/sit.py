@@ -213,7 +213,6 @@ SIT_SIZES: dict[str, tuple[int, int, int]] = {
     "Digits": (6, 96, 4),
     "Tiny": (4, 64, 4),
 }
-SIT_PATCHES = (1, 2, 4, 8)
 
 
 def model_names() -> list[str]:
@@ -236,3 +235,10 @@ def create_model(name: str, **overrides) -> SiT:
     kwargs = parse_model_name(name)
     kwargs.update(overrides)
     return SiT(**kwargs)
+
+
+def sit_from_config(model_cfg) -> SiT:
+    """The SiT a config's ``model`` section describes: the one way training and sampling build it."""
+    m = model_cfg
+    return create_model(m.name, input_size=m.input_size, in_channels=m.in_channels,
+                        num_classes=m.num_classes, qk_norm=m.qk_norm)

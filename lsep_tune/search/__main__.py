@@ -10,8 +10,8 @@ import sys
 import time
 from pathlib import Path
 
-from lsep_tune.config import ConfigError
-from lsep_tune.train.distributed import ends_local_ray
+from lsep_tune.cluster import ends_local_ray
+from lsep_tune.errors import InputError
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,14 +32,14 @@ def resolve_output(args, space_name: str) -> Path:
     if args.output:
         out = Path(args.output)
         if args.resume and not (out / "search.json").exists():
-            raise ConfigError(f"--resume: {out}: expected a search folder with search.json")
+            raise InputError("--resume", out, "expected a search folder with search.json")
         if not args.resume and (out / "search.json").exists():
-            raise ConfigError(f"--output: {out}: holds a search already; add --resume or choose another folder")
+            raise InputError("--output", out, "holds a search already; add --resume or choose another folder")
         return out
     if args.resume:
         found = sorted(Path("runs").glob(f"search-{space_name}-*/search.json"))
         if not found:
-            raise ConfigError(f"--resume: no earlier search of {space_name} under runs/; pass --output DIR")
+            raise InputError("--resume", space_name, "no earlier search of it under runs/; pass --output DIR")
         return found[-1].parent
     return Path("runs") / f"search-{space_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -53,7 +53,7 @@ def prepare(args):
         space = space.smoke()
     for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
         if value is not None and value < 1:
-            raise ConfigError(f"{flag}: {value}: expected a positive integer")
+            raise InputError(flag, value, "expected a positive integer")
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
     output = resolve_output(args, Path(space.source).stem)
     uri = args.mlflow_uri
@@ -62,17 +62,17 @@ def prepare(args):
     uri = uri or tracking.default_uri(output)
     problem = tracking.check_uri(uri)
     if problem:
-        raise ConfigError(f"--mlflow-uri: {uri}: {problem}")
+        raise InputError("--mlflow-uri", uri, problem)
     try:
         output.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise ConfigError(f"--output: {output}: not writable ({err.strerror})") from None
+        raise InputError("--output", output, f"not writable ({err.strerror})") from None
     return space, output, uri
 
 
 def connect(args, space) -> None:
     from lsep_tune.search.runner import check_budget, local_cpus
-    from lsep_tune.train.distributed import connect_ray
+    from lsep_tune.cluster import connect_ray
 
     args.started_ray = connect_ray(args.address, num_cpus=local_cpus(space))
     check_budget(space)
@@ -87,8 +87,8 @@ def _main(args: argparse.Namespace) -> int:
     try:
         space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
         connect(args, space)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except InputError as err:
+        print(f"error: {err.line({'address': '--address'})}", file=sys.stderr)
         return 2
 
     from lsep_tune.search.runner import run_search

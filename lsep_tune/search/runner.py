@@ -122,7 +122,8 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from lsep_tune.train.distributed import Placement, RunPaths, build_trainer, divergence
+    from lsep_tune.cluster import Placement
+    from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
 
     ctx = tune.get_context()
     trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
@@ -320,12 +321,18 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
 
 def check_budget(space) -> None:
     """Every trial must fit on the cluster, or Tune would wait forever."""
-    from lsep_tune.train.distributed import Placement, check_placement
+    import ray
+
+    from lsep_tune.cluster import Placement, check_placement
+    from lsep_tune.errors import InputError
 
     b = space.budget
-    check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
-                    cpu_field=f"{space.source}: budget.workers_per_trial",
-                    gpu_field=f"{space.source}: budget.gpus_per_worker")
+    try:
+        check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
+                        ray.cluster_resources())
+    except InputError as err:
+        field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
+        raise InputError(space.source, field, f"{err.field}: {err.expectation}") from None
 
 
 def local_cpus(space) -> int:

@@ -19,7 +19,8 @@ from typing import Any, Mapping, NoReturn
 import yaml
 
 import lsep_tune
-from lsep_tune.config import Config, ConfigError, RunConfig, load_raw, preset_names, set_path, validate
+from lsep_tune.config import Config, RunConfig, load_raw, preset_names, set_path, validate
+from lsep_tune.errors import InputError
 
 SPACES_DIR = Path(lsep_tune.__file__).resolve().parents[1] / "search_spaces"
 
@@ -61,12 +62,12 @@ SMOKE_EVAL_SAMPLES = 100
 _SENTINEL = "\x00"  # source name that lets _config_error split a ConfigError into (field, message)
 
 
-class SpaceError(ConfigError):
+class SpaceError(InputError):
     """Bad search space; `str(err)` is the one line to print (FILE: FIELD: expectation)."""
 
 
 def _fail(source: str, field: str, expectation: str) -> NoReturn:
-    raise SpaceError(f"{source}: {field}: {' '.join(str(expectation).split())}")
+    raise SpaceError(source, field, expectation)
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -97,7 +98,7 @@ def _validate_split(data: dict[str, Any]) -> tuple[Config | None, str, str]:
     """Validate a config dict; on failure give (None, field, message) instead of raising."""
     try:
         return validate(data, _SENTINEL), "", ""
-    except ConfigError as err:
+    except InputError as err:
         rest = str(err)[len(_SENTINEL) + 2:]
         field, _, message = rest.partition(": ")
         return None, field, message
@@ -344,8 +345,8 @@ class SearchSpace:
             set_path(data, key, value)
         try:
             return validate(data, f"{self.source} (trial)")
-        except ConfigError as err:
-            raise SpaceError(str(err)) from None
+        except InputError as err:
+            raise SpaceError(err.source, err.field, err.expectation) from None
 
     def sampler(self):
         """A fresh Optuna sampler for this space's searcher (samplers hold state: one per study)."""
@@ -449,8 +450,8 @@ class SearchSpace:
             r.fail("base.config", f"no such file {path}")
         try:
             data, source = load_raw(path=path)
-        except ConfigError as err:
-            raise SpaceError(str(err)) from None
+        except InputError as err:
+            raise SpaceError(err.source, err.field, err.expectation) from None
         return {"config": spec["config"]}, copy.deepcopy(data), source
 
     def _validated(self, data: dict[str, Any], source: str | None, blame=None) -> Config:
@@ -459,7 +460,7 @@ class SearchSpace:
         if cfg is not None:
             return cfg
         if source is not None:
-            raise SpaceError(f"{source}: {field}: {message}")
+            raise SpaceError(source, field, message)
         _fail(self.source, blame(field), message)
 
     def _read_overrides(self, r: _Reader, raw: Any, fields: dict[str, Any]) -> dict[str, Any]:

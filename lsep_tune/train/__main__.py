@@ -7,12 +7,15 @@ import sys
 import time
 from pathlib import Path
 
-from lsep_tune.config import ConfigError, load_config, preset_names, require_writable_dir
-from lsep_tune.train.distributed import ends_local_ray
+from lsep_tune.cluster import Placement, check_storage, connect_ray, ends_local_ray, local_device
+from lsep_tune.config import load_config, preset_names
+from lsep_tune.data import check_available
+from lsep_tune.errors import InputError, OneLineParser, run_cli
+from lsep_tune.files import require_writable_dir
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lsep_tune.train", description=__doc__)
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m lsep_tune.train", description=__doc__)
     src = p.add_argument_group("config (one of --preset, --config, or --resume alone)")
     src.add_argument("--preset", help=f"shipped preset: {', '.join(preset_names())}")
     src.add_argument("--config", help="YAML config file")
@@ -31,62 +34,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     dist.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     dist.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
-    return p.parse_args(argv)
+    return p
+
+
+# Neutral names in library errors -> the flags of this command.
+FLAGS = {"override": "--set", "preset": "--preset", "output": "--output", "storage": "--storage",
+         "workers": "--workers", "gpus_per_worker": "--gpus-per-worker", "address": "--address",
+         "device": "--device"}
 
 
 def resolve(args: argparse.Namespace):
-    """Config and output folder from the arguments; raises ConfigError on bad input."""
+    """Config, the name to blame for it, and the output folder; raises InputError on bad input."""
     overrides = list(args.overrides)
     if args.max_steps is not None:
         if args.max_steps < 1:
-            raise ConfigError(f"--max-steps: {args.max_steps}: expected a positive integer")
+            raise InputError("--max-steps", args.max_steps, "expected a positive integer")
         overrides.append(f"run.max_steps={args.max_steps}")
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
-            raise ConfigError(f"--resume: {run_dir}: expected a run folder with config.yaml")
+            raise InputError("--resume", run_dir, "expected a run folder with config.yaml")
         if args.output and Path(args.output) != run_dir:
-            raise ConfigError("--output: a resumed run writes to its own folder; drop --output")
+            raise InputError("--output", args.output, "a resumed run writes to its own folder; drop --output")
         if args.preset or args.config:
-            cfg = load_config(args.preset, args.config, overrides)
+            cfg = load_config(args.preset, args.config, overrides, overrides_name="--set")
         else:
-            cfg = load_config(path=run_dir / "config.yaml", overrides=overrides)
-        return cfg, run_dir
+            cfg = load_config(path=run_dir / "config.yaml", overrides=overrides, overrides_name="--set")
+        return cfg, str(args.config or (f"preset {args.preset}" if args.preset else run_dir / "config.yaml")), run_dir
     if not (args.preset or args.config):
-        raise ConfigError("config: give --preset NAME, --config FILE or --resume DIR")
+        raise InputError("command line", "config", "give --preset NAME, --config FILE or --resume DIR")
     if args.preset and args.config:
-        raise ConfigError("config: give only one of --preset and --config")
-    cfg = load_config(args.preset, args.config, overrides)
+        raise InputError("command line", "config", "give only one of --preset and --config")
+    cfg = load_config(args.preset, args.config, overrides, overrides_name="--set")
     name = args.preset or Path(args.config).stem
     output = Path(args.output) if args.output else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return cfg, output
+    return cfg, f"preset {args.preset}" if args.preset else str(args.config), output
 
 
 def prepare(args: argparse.Namespace):
-    """Everything that can be wrong with the request fails here, before any training starts."""
+    """Everything that can be wrong with the request fails here, before anything is written or started:
+    cheap checks first, then the Ray cluster (a local Ray only once the machine can hold the run),
+    then the MLflow store (which may create the output folder)."""
     from lsep_tune import tracking
 
-    cfg, output = resolve(args)
-    require_writable_dir(output, "--output")
+    cfg, source, output = resolve(args)
+    check_available(cfg.data, source)
+    require_writable_dir(output, "output")
+    if args.workers < 0:
+        raise InputError("--workers", args.workers, "expected 0 (in-process) or more")
+    if args.workers == 0:
+        local_device(args.device)
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
     uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
-    problem = tracking.check_uri(uri)
-    if problem:
-        raise ConfigError(f"--mlflow-uri: {uri}: {problem}")
-    if args.workers < 0:
-        raise ConfigError(f"--workers: {args.workers}: expected 0 (in-process) or more")
     placement = paths = None
     if args.workers > 0:
-        from lsep_tune.train.distributed import Placement, RunPaths, check_placement, check_storage, connect_ray
+        from lsep_tune.train.distributed import RunPaths
 
         storage = args.storage or previous.get("storage") or str((output / "ray").resolve())
         check_storage(storage)
         placement = Placement(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures)
-        args.started_ray = connect_ray(args.address)
-        check_placement(placement)
+        args.started_ray = connect_ray(args.address, placement)
         paths = RunPaths(output=str(output.resolve()), storage=storage, name=previous.get("name", "train"),
                          mlflow_uri=uri, resume=bool(args.resume))
+    problem = tracking.check_uri(uri)
+    if problem:
+        raise InputError("--mlflow-uri", uri, problem)
     return cfg, output, uri, previous, placement, paths
 
 
@@ -101,30 +114,25 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
             run_name=output.name, artifact_location=tracking.artifact_location_for(uri, output),
         )
     except Exception as err:  # noqa: BLE001 - any store error is a setup error here
-        raise ConfigError(f"--mlflow-uri: {uri}: cannot create a run ({str(err).splitlines()[0][:200]})") from None
+        raise InputError("--mlflow-uri", uri, f"cannot create a run ({str(err).splitlines()[0][:200]})") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main(parse_args(argv))
+    return run_cli(lambda: _train(build_parser().parse_args(argv)), FLAGS)
 
 
 def requested_device(args: argparse.Namespace, placement) -> str:
     if placement is not None:
         return "cuda" if placement.gpus_per_worker else "cpu"
-    import torch
-
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return str(local_device(args.device))
 
 
 @ends_local_ray
-def _main(args: argparse.Namespace) -> int:
-    try:
-        cfg, output, uri, previous, placement, paths = prepare(args)
-        world = placement.workers if placement else 1
-        run_id = start_tracking(cfg, output, uri, previous, world, requested_device(args, placement))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _train(args: argparse.Namespace) -> int:
+    cfg, output, uri, previous, placement, paths = prepare(args)
+    world = placement.workers if placement else 1
+    run_id = start_tracking(cfg, output, uri, previous, world, requested_device(args, placement))
+    output.mkdir(parents=True, exist_ok=True)
     record = {"mlflow_uri": uri, "mlflow_run_id": run_id}
     if paths:
         paths.mlflow_run_id = run_id

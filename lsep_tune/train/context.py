@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from lsep_tune.train import checkpoint as ckpt
+from lsep_tune import checkpoint as ckpt
+from lsep_tune.cluster import local_device
 
 
 class LocalContext:
@@ -27,7 +28,7 @@ class LocalContext:
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.keep = keep_checkpoints
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = local_device(device)
         self.resume_from = Path(resume_from) if resume_from else None
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.metrics_file = self.output_dir / "metrics.jsonl"

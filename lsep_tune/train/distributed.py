@@ -1,13 +1,12 @@
 """Ray Train: the same training loop on N workers (DDP via Ray's model preparation).
 
-`RayContext` is the loop's view of a Ray Train worker; `launch` is the driver: it checks the
-request against the cluster before anything starts, creates the MLflow run, and runs a
-`TorchTrainer` whose checkpoints live in the run's storage and which restarts failed workers
-from the latest one (FailureConfig.max_failures).
+`RayContext` is the loop's view of a Ray Train worker; `build_trainer` makes the `TorchTrainer`
+whose checkpoints live in the run's storage (Ray keeps cfg.run.keep_checkpoints of them) and
+which restarts failed workers from the latest one (FailureConfig.max_failures). Connecting to Ray
+and checking a request against it is `lsep_tune.cluster`'s job.
 """
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
@@ -16,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lsep_tune.config import Config, ConfigError, require_writable_dir
-from lsep_tune.train import checkpoint as ckpt
+from lsep_tune import checkpoint as ckpt
+from lsep_tune.cluster import Placement
+from lsep_tune.config import Config
 
 
 DIVERGED_KEY = "diverged"  # reported (= 1.0) by a run whose loss became non-finite
@@ -28,14 +28,6 @@ def divergence(output: str | Path) -> dict | None:
     """The divergence record a run left in its folder, if it diverged."""
     path = Path(output) / DIVERGED_FILE
     return json.loads(path.read_text()) if path.exists() else None
-
-
-@dataclass
-class Placement:
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    max_failures: int = 2
 
 
 @dataclass
@@ -55,7 +47,7 @@ class RunPaths:
 class RayContext:
     """The loop's context inside one Ray Train worker."""
 
-    def __init__(self, paths: RunPaths, keep_checkpoints: int):
+    def __init__(self, paths: RunPaths):
         import ray.train
         import ray.train.torch
 
@@ -64,7 +56,6 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.paths = paths
         self.output_dir = Path(paths.output)
-        self.keep = keep_checkpoints
         self.progress = False
         self.callbacks: list = []
         if self.rank == 0 and paths.mlflow_uri and paths.mlflow_run_id:
@@ -142,7 +133,7 @@ def worker_main(payload: dict) -> None:
     import ray.train
 
     cfg = validate(payload["config"], "trial config")
-    ctx = RayContext(RunPaths(**payload["paths"]), cfg.run.keep_checkpoints)
+    ctx = RayContext(RunPaths(**payload["paths"]))
     try:
         train_loop(cfg, ctx)
     except TrainingDiverged as err:
@@ -156,73 +147,6 @@ def worker_main(payload: dict) -> None:
         ray.train.report(record, checkpoint=None)
     finally:
         ctx.close()
-
-
-def ends_local_ray(command):
-    """Decorate a CLI body taking parsed args: a local Ray it started (args.started_ray) ends with it."""
-
-    @functools.wraps(command)
-    def wrapper(args):
-        args.started_ray = False
-        try:
-            return command(args)
-        finally:
-            if args.started_ray:
-                import ray
-
-                ray.shutdown()
-
-    return wrapper
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> bool:
-    """Join the given cluster, or start a local Ray; True when this call started Ray here."""
-    import os
-
-    import ray
-
-    if ray.is_initialized():
-        return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    try:
-        if address:
-            ray.init(address=address)
-        else:
-            ray.init(num_cpus=num_cpus)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConfigError(f"--address: {address}: cannot join the Ray cluster ({str(err).splitlines()[0]})") from None
-    return True
-
-
-def check_storage(storage: str) -> None:
-    """Fail early, in one line, when checkpoints could not be written."""
-    if "://" not in storage:
-        require_writable_dir(storage, "--storage")
-        return
-    import pyarrow.fs
-
-    try:
-        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
-        fs.create_dir(path, recursive=True)
-    except Exception as err:  # noqa: BLE001 - any backend error means unusable storage
-        raise ConfigError(f"--storage: {storage}: not usable ({str(err).splitlines()[0]})") from None
-
-
-def check_placement(placement: Placement, cpu_field: str = "--workers", gpu_field: str = "--gpus-per-worker") -> None:
-    """The cluster must be able to place every worker now; otherwise Ray would wait forever."""
-    import ray
-
-    if placement.workers < 1:
-        raise ConfigError(f"{cpu_field}: {placement.workers}: expected 1 or more for a Ray run")
-    total = ray.cluster_resources()
-    need_cpu = placement.workers * placement.cpus_per_worker
-    need_gpu = placement.workers * placement.gpus_per_worker
-    if need_cpu > total.get("CPU", 0):
-        raise ConfigError(f"{cpu_field}: {placement.workers} workers x {placement.cpus_per_worker:g} CPUs need "
-                          f"{need_cpu:g} CPUs, the cluster has {total.get('CPU', 0):g}")
-    if need_gpu > total.get("GPU", 0):
-        raise ConfigError(f"{gpu_field}: {placement.workers} workers x {placement.gpus_per_worker:g} GPUs "
-                          f"need {need_gpu:g} GPUs, the cluster has {total.get('GPU', 0):g}")
 
 
 def build_trainer(cfg: Config, placement: Placement, paths: RunPaths, callbacks: list | None = None):

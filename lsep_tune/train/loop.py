@@ -15,11 +15,13 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from lsep_tune.checkpoint import save_ema
 from lsep_tune.config import Config, dump_config
 from lsep_tune.data.loader import StepBatches, load_dataset
-from lsep_tune.models import create_model
+from lsep_tune.evaluation.in_training import evaluate_samples
+from lsep_tune.models import sit_from_config
 from lsep_tune.objectives import Draws, TrainObjective
-from lsep_tune.train.samples import evaluate_samples, save_sample_grid
+from lsep_tune.sample.grid import save_sample_grid
 
 
 class TrainingDiverged(RuntimeError):
@@ -31,10 +33,7 @@ class TrainingDiverged(RuntimeError):
 
 
 def build_objective(cfg: Config) -> TrainObjective:
-    m = cfg.model
-    sit = create_model(m.name, input_size=m.input_size, in_channels=m.in_channels,
-                       num_classes=m.num_classes, qk_norm=m.qk_norm)
-    return TrainObjective(sit, cfg.objective)
+    return TrainObjective(sit_from_config(cfg.model), cfg.objective)
 
 
 def build_optimizer(cfg: Config, objective: TrainObjective) -> torch.optim.Optimizer:
@@ -206,9 +205,8 @@ def train_loop(cfg: Config, ctx) -> dict:
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
     ema_path = None
     if is_main:
-        ema_path = out / "ema_final.pt"
-        torch.save({"step": max(cfg.run.max_steps, start_step), "ema": ema.module.sit.state_dict(),
-                    "config": cfg.to_dict()}, ema_path)
+        ema_path = save_ema(out / "ema_final.pt", max(cfg.run.max_steps, start_step), ema.module.sit.state_dict(),
+                            cfg.to_dict())
         ctx.log_artifact(ema_path, "checkpoints")
 
     final_eval = None

@@ -1,0 +1,136 @@
+"""Where work runs: the local device, and the Ray cluster that train, sample and search share.
+
+A request is checked against what it can get before anything starts: a local Ray is only started
+once the machine is known to hold the request (a Ray that cannot place its workers would wait
+forever), it is sized to the machine, never to the request, and it is shut down by whoever
+started it. Errors name neutral fields (``workers``, ``address``, ``storage``); each command's
+``__main__`` maps them to its flags.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from lsep_tune.errors import InputError
+from lsep_tune.files import require_writable_dir
+
+
+@dataclass
+class Placement:
+    """What one Ray Train run asks of the cluster."""
+
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2
+
+
+def local_device(name: str | None = None) -> torch.device:
+    """The torch device for work in this process: `name`, else cuda when there is one."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise InputError("device", name, "expected a torch device such as cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device", name, "CUDA is not available on this machine")
+    return device
+
+
+def machine_resources(num_cpus: int | None = None) -> dict[str, float]:
+    """What a local Ray started here would offer: the CPUs this process may use and the visible GPUs."""
+    cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
+
+
+def check_placement(placement: Placement, resources: dict[str, float], where: str = "the cluster") -> None:
+    """Refuse a request that `resources` cannot hold all at once."""
+    p = placement
+    if p.workers < 1:
+        raise InputError("workers", p.workers, "expected 1 or more for a Ray run")
+    have_cpu, have_gpu = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    fit = int(have_cpu // p.cpus_per_worker) if p.cpus_per_worker else p.workers
+    if p.gpus_per_worker:
+        fit = min(fit, int(have_gpu // p.gpus_per_worker))
+    if p.workers * p.cpus_per_worker > have_cpu:
+        raise InputError("workers", p.workers, f"expected at most {fit}: {p.workers} workers x {p.cpus_per_worker:g} "
+                                               f"CPUs need {p.workers * p.cpus_per_worker:g} CPUs, {where} has "
+                                               f"{have_cpu:g}")
+    if p.workers * p.gpus_per_worker > have_gpu:
+        raise InputError("gpus_per_worker", p.gpus_per_worker,
+                         f"{p.workers} workers x {p.gpus_per_worker:g} GPUs need "
+                         f"{p.workers * p.gpus_per_worker:g} GPUs, {where} has {have_gpu:g} "
+                         f"(at most {fit} such workers fit)")
+
+
+def ray_address(address: str | None) -> str | None:
+    """The cluster to join: `address`, else $RAY_ADDRESS, else None (a local Ray)."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
+def connect_ray(address: str | None, placement: Placement | None = None, *, num_cpus: int | None = None,
+                quiet: bool = False) -> bool:
+    """Join the cluster at `address` (or $RAY_ADDRESS) or start a local Ray; True when this call
+    started Ray here. With `placement`, a request a local Ray could not hold is refused before it
+    starts, and any cluster is checked once joined."""
+    import ray
+
+    if ray.is_initialized():
+        if placement is not None:
+            check_placement(placement, ray.cluster_resources())
+        return False
+    address = ray_address(address)
+    if placement is not None and not address:
+        check_placement(placement, machine_resources(num_cpus), "this machine")
+    level = logging.ERROR if quiet else logging.INFO
+    try:
+        if address:
+            ray.init(address=address, logging_level=level)
+        else:
+            ray.init(num_cpus=num_cpus, logging_level=level)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise InputError("address", address or "(local)", f"cannot start or join a Ray cluster ({first})") from None
+    if placement is not None:
+        try:
+            check_placement(placement, ray.cluster_resources())
+        except InputError:
+            ray.shutdown()
+            raise
+    return True
+
+
+def ends_local_ray(command):
+    """Decorate a CLI body taking parsed args: a local Ray it started (args.started_ray) ends with it."""
+
+    @functools.wraps(command)
+    def wrapper(args):
+        args.started_ray = False
+        try:
+            return command(args)
+        finally:
+            if args.started_ray:
+                import ray
+
+                ray.shutdown()
+
+    return wrapper
+
+
+def check_storage(storage: str) -> None:
+    """Checkpoint storage (a folder or a pyarrow URI such as s3://) must be usable before a run starts."""
+    if "://" not in storage:
+        require_writable_dir(storage, "storage")
+        return
+    import pyarrow.fs
+
+    try:
+        fs, path = pyarrow.fs.FileSystem.from_uri(storage)
+        fs.create_dir(path, recursive=True)
+    except Exception as err:  # noqa: BLE001 - any backend error means unusable storage
+        raise InputError("storage", storage, f"not usable ({str(err).splitlines()[0]})") from None

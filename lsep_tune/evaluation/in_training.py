@@ -1,0 +1,34 @@
+"""FID and IS of a model while it trains, on the samples `python -m lsep_tune.sample` would draw.
+
+The images come from `sample.generate` with the command line's default seed and batch, so the
+file ``python -m lsep_tune.sample --checkpoint RUN/ema_final.pt --num N`` holds exactly the images
+a final evaluation of N samples scored (same device and precision assumed).
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED, generate
+
+
+@torch.no_grad()
+def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int = DEFAULT_BATCH) -> np.ndarray:
+    """n uint8 NHWC images; a latent model's are decoded by the SD-VAE in cfg.data.vae_path."""
+    vae = None
+    if cfg.data.kind == "latents":
+        from lsep_tune.vae import load_vae
+
+        vae = load_vae(cfg.data.vae_path).to(device)
+    return generate(sit, cfg, n, device, seed=seed, batch=batch, images=True, vae=vae)
+
+
+def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = DEFAULT_SEED) -> dict[str, float]:
+    """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference."""
+    from lsep_tune.evaluation import compute_metrics
+
+    images = sample_images(sit, cfg, device, n or cfg.run.eval_samples, seed)
+    out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
+                          extractor_weights=cfg.run.eval_extractor_weights,
+                          cuda=torch.device(device).type == "cuda")
+    return {k: out[k] for k in ("fid", "isc_mean") if k in out}
