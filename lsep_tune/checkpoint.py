@@ -13,8 +13,10 @@ checks the result against the model the config describes.
 from __future__ import annotations
 
 import io
+import re
 import shutil
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -101,21 +103,27 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def _first_line(err: BaseException) -> str:
-    """The gist of a torch.load failure: its first line, cut short (torch's run to paragraphs)."""
-    line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+def _gist(err: BaseException) -> str:
+    """The gist of a torch.load failure: torch's messages run to paragraphs of advice whose one
+    useful line names what the safe unpickler refused."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    line = line.removeprefix("WeightsUnpickler error: ") if line else (lines[0] if lines else type(err).__name__)
+    line = re.split(r"(?<=[.?!])\s", line, maxsplit=1)[0]  # its first sentence
     return line if len(line) <= 100 else line[:97] + "..."
 
 
 def read_sit_checkpoint(file: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], int | None]:
     """(config dict, SiT EMA state dict, step) of an ``ema_final.pt`` or ``state.pt``."""
     file = Path(file)
+    if not zipfile.is_zipfile(file):
+        raise InputError(file, "file", "not a torch checkpoint (torch.save writes a zip archive; this is none)")
     try:
         with warnings.catch_warnings():  # torch warns before it fails; the one-line error says it all
             warnings.simplefilter("ignore")
             blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        raise InputError(file, "file", f"not a readable torch checkpoint ({_first_line(err)})") from None
+        raise InputError(file, "file", f"not a readable torch checkpoint ({_gist(err)})") from None
     if not isinstance(blob, dict):
         raise InputError(file, "file", f"expected a dict with 'ema' and 'config', got {type(blob).__name__}")
     for key in ("ema", "config"):

@@ -220,3 +220,21 @@ def test_cli_subprocess_reports_a_missing_checkpoint(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing'}: path: not found; expected "
                                                 "ema_final.pt, a state.pt or a checkpoint folder"]
     assert not out.exists() and proc.stdout == ""
+
+
+def test_cli_subprocess_bad_checkpoints_are_one_short_line(tmp_path):
+    """Corrupt and foreign files: one short line on stderr (no torch advice, no warnings before it)."""
+    import argparse
+
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint at all")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"ema": {}, "config": {}, "args": argparse.Namespace(lr=1)}, foreign)
+    expected = {junk: "file: not a torch checkpoint (torch.save writes a zip archive; this is none)",
+                foreign: "file: not a readable torch checkpoint (Unsupported global: GLOBAL argparse.Namespace"}
+    for path, expect in expected.items():
+        proc = subprocess.run([sys.executable, "-m", "lsep_tune.sample", "--checkpoint", str(path), "--num", "4",
+                               "--out", str(tmp_path / "o.npz")], capture_output=True, text=True, timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"error: {path}: {expect}") and len(lines[0]) < 200 + len(str(path)), lines[0]

@@ -1,5 +1,8 @@
 import json
+import subprocess
+import sys
 
+import pytest
 import torch
 from PIL import Image
 
@@ -111,3 +114,48 @@ def test_bf16_autocast_path_trains(tmp_path):
     state = ckpt.load_state(summary["checkpoint"])
     assert summary["final_step"] == 3 and all(t.dtype == torch.float32 for t in state["model"].values())
     assert summary["final_metrics"]["sra_loss"] > 0
+
+
+def test_too_many_workers_refused_before_a_local_ray_starts(tmp_path, capsys, monkeypatch):
+    """More workers than this machine has CPUs: one line, exit 2, no Ray started, no folder made."""
+    import ray
+
+    from lsep_tune.cluster import machine_resources
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a local Ray was started for a request it could not hold")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this process")
+    workers = int(machine_resources()["CPU"]) + 1
+    out = tmp_path / "run"
+    assert main(["--preset", "digits", "--workers", str(workers), "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --workers: {workers}: expected at most {workers - 1}: {workers} workers x 1 CPUs need "
+                   f"{workers} CPUs, this machine has {workers - 1}"]
+    assert not out.exists()
+
+
+def test_missing_training_data_fails_before_mlflow_or_any_folder(tmp_path):
+    """A latent preset whose data folder is absent: one line, exit 2, nothing created."""
+    proc = subprocess.run([sys.executable, "-m", "lsep_tune.train", "--preset", "imagenet256-sit-b2"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: preset imagenet256-sit-b2: data.path: data/imagenet256-latents is not a folder; expected one "
+        "holding latents.npy and labels.npy (precomputed SD-VAE latents)"]
+    assert list(tmp_path.iterdir()) == []  # no runs/, no mlflow.db, no mlruns/
+
+
+def test_check_available_names_the_missing_file(tmp_path):
+    from lsep_tune.data import check_available
+    from lsep_tune.errors import InputError
+
+    (tmp_path / "latents.npy").write_bytes(b"")
+    cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path}"])
+    with pytest.raises(InputError, match="lacks labels.npy"):
+        check_available(cfg.data, "x.yaml")
+    (tmp_path / "labels.npy").write_bytes(b"")
+    check_available(cfg.data, "x.yaml")
