@@ -8,10 +8,8 @@ knows its flags: `run_cli` turns the source into the flag the user typed, prints
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
-import warnings
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 EXIT_BAD_INPUT = 2
 
@@ -47,13 +45,3 @@ def run_cli(body: Callable[[], int], flags: Mapping[str, str] | None = None) -> 
         return EXIT_BAD_INPUT
     except SystemExit as done:  # --help
         return int(done.code or 0)
-
-
-@contextlib.contextmanager
-def held_warnings() -> Iterator[None]:
-    """Hold the warnings raised while input is read: shown when it was good, dropped when an
-    exception (the one-line error) ends the block, so nothing is printed before that line."""
-    with warnings.catch_warnings(record=True) as caught:
-        yield
-    for w in caught:
-        warnings.showwarning(w.message, w.category, w.filename, w.lineno)
