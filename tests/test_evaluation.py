@@ -121,13 +121,27 @@ def test_shipped_digits_extractor_accuracy():
     assert heldout_accuracy(model) >= 0.97
 
 
+# The recipe is deterministic on one machine, but training amplifies the last-bit differences
+# between CPUs' float kernels: retrained on another x86 CPU the weights drift from the shipped ones
+# (measured: conv1.weight 1.4% and the deepest conv layer 25% relative L2 distance, held-out accuracy
+# 98.6% against 98.9%). The first conv layer, which sees the least of that amplification, is where a
+# changed recipe shows: +10% learning rate moved it 8.1%, another seed moves every weight.
+CONV1_TOLERANCE = 0.05  # relative L2 distance of conv1.weight to the shipped weights
+ACCURACY_TOLERANCE = 0.01  # held-out accuracy against the shipped extractor's
+
+
+def _relative_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 @pytest.mark.slow
 def test_training_script_reproduces_shipped_weights(tmp_path):
+    """Retraining with the script gives the shipped extractor up to CPU float noise, not bit for bit."""
     out = tmp_path / "digits_cnn.pt"
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-m", "lsep_tune.evaluation.train_digits_extractor", "--out", str(out)],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=600,
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1200,
     )
     assert proc.returncode == 0, proc.stderr
     accuracy = float(proc.stdout.split("held-out accuracy:")[1].split()[0])
@@ -136,7 +150,9 @@ def test_training_script_reproduces_shipped_weights(tmp_path):
     retrained = torch.load(out, weights_only=True)
     assert shipped.keys() == retrained.keys()
     for key in shipped:
-        assert shipped[key].dtype == retrained[key].dtype and torch.equal(shipped[key], retrained[key]), key
+        assert shipped[key].dtype == retrained[key].dtype and shipped[key].shape == retrained[key].shape, key
+    assert accuracy == pytest.approx(heldout_accuracy(load_digits_cnn()), abs=ACCURACY_TOLERANCE)
+    assert _relative_distance(retrained["conv1.weight"], shipped["conv1.weight"]) < CONV1_TOLERANCE
 
 
 # --- the Inception path, on a random state dict the test saves ----------------------------------
