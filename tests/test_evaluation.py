@@ -125,8 +125,10 @@ def test_shipped_digits_extractor_accuracy():
 # between CPUs' float kernels: retrained on another x86 CPU the weights drift from the shipped ones
 # (measured: conv1.weight 1.4% and the deepest conv layer 25% relative L2 distance, held-out accuracy
 # 98.6% against 98.9%). The first conv layer, which sees the least of that amplification, is where a
-# changed recipe shows: +10% learning rate moved it 8.1%, another seed moves every weight.
-CONV1_TOLERANCE = 0.05  # relative L2 distance of conv1.weight to the shipped weights
+# changed recipe shows (measured on the same CPU): +10% learning rate moved it 8.1%, 30 instead of 40
+# epochs 3.5%, no shift augmentation 21%, another seed 150%. One epoch less (1.8%) is within the
+# CPU noise and passes.
+CONV1_TOLERANCE = 0.03  # relative L2 distance of conv1.weight to the shipped weights
 ACCURACY_TOLERANCE = 0.01  # held-out accuracy against the shipped extractor's
 
 
