@@ -13,15 +13,17 @@ import difflib
 import math
 import warnings
 from dataclasses import asdict, dataclass
+from functools import cache
+from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
 import yaml
 
-import lsep_tune
 from lsep_tune.config import Config, ConfigError, RunConfig, load_raw, preset_names, set_path, validate
 
-SPACES_DIR = Path(lsep_tune.__file__).resolve().parents[1] / "search_spaces"
+# Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
+SPACES_DIR = Path(str(resources.files("lsep_tune.search_spaces"))).resolve()
 
 TOP_LEVEL_KEYS = (
     "description", "base", "overrides", "params", "metric", "searcher", "scheduler", "budget",
@@ -47,13 +49,6 @@ BUDGET_KEYS = (
     "num_samples", "max_concurrent", "workers_per_trial", "cpus_per_worker", "gpus_per_worker",
     "max_steps", "max_failures", "time_budget_s",
 )
-# What the trainer reports at each logging interval, and the direction in which each improves
-# (None: neither direction is a mistake). A metric's group says when it is reported at all.
-TRAIN_METRICS = {"loss": "min", "flow_loss": "min", "grad_norm": None, "lr": None, "train_cost": "min"}
-LSEP_METRICS = {"lsep_ce": "min", "probe_acc": "max"}
-SRA_METRICS = {"sra_loss": "min"}
-EVAL_METRICS = {"fid": "min", "isc_mean": "max"}
-DIRECTIONS = {**TRAIN_METRICS, **LSEP_METRICS, **SRA_METRICS, **EVAL_METRICS}
 # Fields the space itself owns: searching them would change the budget, not the method.
 OWNED_FIELDS = {"run.max_steps": "budget.max_steps", "run.log_every": "report_every"}
 SMOKE_STEPS = 40
@@ -91,6 +86,31 @@ def _show(value: Any) -> str:
 
 def _is_scalar(value: Any) -> bool:
     return value is None or isinstance(value, (bool, int, float, str))
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A metric the trainer reports: the direction in which it improves (None: neither is a mistake)
+    and when it is reported: always, only with a regularizer enabled, or only with in-training evaluation."""
+
+    direction: str | None
+    regularizer: str | None = None
+    evaluation: bool = False
+
+
+@cache
+def reported_metrics() -> dict[str, Reported]:
+    """Every metric a trial can report, read from its owners: the objective and each registered
+    regularizer, the training loop, the in-training evaluation."""
+    from lsep_tune.objectives import REGULARIZERS, TrainObjective
+    from lsep_tune.train.loop import LOOP_METRICS
+    from lsep_tune.train.samples import EVAL_METRICS
+
+    out = {name: Reported(d) for name, d in {**TrainObjective.metrics, **LOOP_METRICS}.items()}
+    for reg_name, reg in REGULARIZERS.items():
+        out.update({name: Reported(d, regularizer=reg_name) for name, d in reg.metrics.items()})
+    out.update({name: Reported(d, evaluation=True) for name, d in EVAL_METRICS.items()})
+    return out
 
 
 def _validate_split(data: dict[str, Any]) -> tuple[Config | None, str, str]:
@@ -617,7 +637,7 @@ class SearchSpace:
             why_not = self._metric_unavailable(name)
             if why_not:
                 r.fail(f"{where}.name", why_not)
-            natural = DIRECTIONS[name]
+            natural = reported_metrics()[name].direction
             if mode is None:
                 if natural is None:
                     r.fail(f"{where}.mode", "missing; expected min or max")
@@ -634,19 +654,15 @@ class SearchSpace:
 
     def _metric_unavailable(self, name: str) -> str | None:
         """Why the trainer would not report `name` in every trial of this space (None: it would)."""
-        if name in TRAIN_METRICS:
-            return None
-        for group, section in ((LSEP_METRICS, "lsep"), (SRA_METRICS, "sra")):
-            if name in group:
-                if self._always(f"objective.{section}.enabled", True):
-                    return None
-                return f"{name} is reported only when objective.{section}.enabled is true in every trial"
-        if name in EVAL_METRICS:
-            if "run.eval_every" not in self._base_flat or self._eval_every():
-                return None
+        known = reported_metrics()
+        if name not in known:
+            return f"{name!r} is never reported by the trainer, expected one of {', '.join(known)}"
+        section = known[name].regularizer
+        if section and not self._always(f"objective.{section}.enabled", True):
+            return f"{name} is reported only when objective.{section}.enabled is true in every trial"
+        if known[name].evaluation and not ("run.eval_every" not in self._base_flat or self._eval_every()):
             return f"{name} is reported only with in-training evaluation: set overrides run.eval_every > 0"
-        known = ", ".join(DIRECTIONS)
-        return f"{name!r} is never reported by the trainer, expected one of {known}"
+        return None
 
     def _always(self, field: str, value: Any) -> bool:
         param = self.params.get(field)
@@ -734,21 +750,23 @@ class SearchSpace:
         if every % self.report_every:
             r.fail(where, f"expected a multiple of report_every ({self.report_every}): "
                    f"evaluation runs only at report steps (got {every})")
-        if not any(name in EVAL_METRICS for name in self.metric_names) or self.scheduler_spec["type"] == "none":
+        if not any(reported_metrics()[n].evaluation for n in self.metric_names) or self.scheduler_spec["type"] == "none":
             return
-        sched, steps = self.scheduler_spec, self.budget.max_steps
+        sched = self.scheduler_spec
         if sched["type"] == "hyperband":
             if every != self.report_every:
                 r.fail(where, "hyperband compares trials at any report: "
                        f"expected run.eval_every = report_every ({self.report_every})")
             return
-        rungs = _asha_milestones(sched["grace_period"], sched["max_t"], sched["reduction_factor"], sched["brackets"])
-        for milestone in rungs:
-            seen_at = math.ceil(milestone / self.report_every - 1e-9) * self.report_every
-            if seen_at < steps and seen_at % every:
-                r.fail("scheduler.grace_period", f"the rung at step {milestone:g} is decided at step {seen_at}, "
-                       f"where {self.metric_names[0]} is stale (run.eval_every {every}): "
-                       "make rungs multiples of run.eval_every")
+        # ASHA's rungs lie at grace_period x reduction_factor^k: all of them see a fresh evaluation when
+        # grace_period is a multiple of run.eval_every and the reduction factor a whole number.
+        grace, rf = sched["grace_period"], sched["reduction_factor"]
+        if grace % every:
+            r.fail("scheduler.grace_period", f"the rung at step {grace} is decided where {self.metric_names[0]} is "
+                   f"stale (run.eval_every {every}): make grace_period a multiple of run.eval_every")
+        if rf != int(rf):
+            r.fail("scheduler.reduction_factor", f"expected a whole number when ranking on "
+                   f"{self.metric_names[0]}: rungs at grace_period x {rf}^k would read a stale value")
 
     def _read_points(self, r: _Reader, raw: Any) -> list[dict[str, Any]]:
         """Known-good points, completed: a searched param a point leaves out takes the base value."""
@@ -865,15 +883,6 @@ def _not_a_field(key: str, fields: Mapping[str, Any]) -> str:
 def _round_to(value: float, unit: int) -> int:
     """The positive multiple of `unit` nearest to `value`."""
     return max(unit, unit * round(value / unit))
-
-
-def _asha_milestones(grace: int, max_t: int, rf: float, brackets: int) -> list[float]:
-    """The rungs Ray's ASHA places (async_hyperband._Bracket), every bracket."""
-    out = []
-    for s in range(brackets):
-        n = int(math.log(max_t / grace) / math.log(rf) - s + 1)
-        out.extend(grace * rf ** (k + s) for k in range(n))
-    return sorted(set(out))
 
 
 def space_names() -> list[str]:

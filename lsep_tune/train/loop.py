@@ -30,6 +30,10 @@ class TrainingDiverged(RuntimeError):
         self.step = step
 
 
+# What the loop itself reports besides the objective's metrics (None: neither direction is better).
+LOOP_METRICS = {"grad_norm": None, "lr": None, "train_cost": "min"}
+
+
 def build_objective(cfg: Config) -> TrainObjective:
     m = cfg.model
     sit = create_model(m.name, input_size=m.input_size, in_channels=m.in_channels,

@@ -28,6 +28,10 @@ def generate(sit, cfg, n: int, device, seed: int = 0, labels: torch.Tensor | Non
     return x
 
 
+# What an in-training evaluation reports, and the direction in which each improves.
+EVAL_METRICS = {"fid": "min", "isc_mean": "max"}
+
+
 def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = 0) -> Path:
     """A PNG grid with one column per class. Latent models show latent channels 0-2 until decoded."""
     path = Path(path)
@@ -70,4 +74,4 @@ def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = 12345, 
     out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
                           extractor_weights=cfg.run.eval_extractor_weights,
                           cuda=device.type == "cuda")
-    return {k: out[k] for k in ("fid", "isc_mean") if k in out}
+    return {k: out[k] for k in EVAL_METRICS if k in out}
