@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
@@ -369,17 +368,9 @@ class SearchSpace:
 
     def sampler(self):
         """A fresh Optuna sampler for this space's searcher (samplers hold state: one per study)."""
-        import optuna
+        from lsep_tune.search.searcher import make_sampler
 
-        spec = dict(self.searcher_spec)
-        kind = spec.pop("type")
-        if kind == "tpe":
-            with warnings.catch_warnings():  # `group` is opted into on purpose for conditional spaces
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.samplers.TPESampler(**spec)
-        if kind == "random":
-            return optuna.samplers.RandomSampler(**spec)
-        return optuna.samplers.NSGAIISampler(**spec)
+        return make_sampler(self.searcher_spec)
 
     def to_dict(self) -> dict[str, Any]:
         """The normalized space (defaults filled in, points completed): logged to MLflow, and parses back."""
@@ -400,6 +391,8 @@ class SearchSpace:
 
     def with_overrides(self, num_samples: int | None = None, max_concurrent: int | None = None) -> "SearchSpace":
         """A copy with command-line budget changes, validated like the file."""
+        if num_samples is None and max_concurrent is None:
+            return self
         data = self.to_dict()
         if num_samples is not None:
             data["budget"]["num_samples"] = num_samples
