@@ -185,18 +185,24 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _format_error(source: str, err: ValidationError) -> str:
+def explain(err: ValidationError) -> tuple[str, str]:
+    """The dotted field a validation error blames, and what was expected there."""
     first = err.errors()[0]
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
-        return f"{source}: {ctx_err.field}: {ctx_err}"
+        return ctx_err.field, str(ctx_err)
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     elif "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
-    return f"{source}: {loc}: {msg}"
+    return loc, msg
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    field, msg = explain(err)
+    return f"{source}: {field}: {msg}"
 
 
 def validate(data: dict[str, Any], source: str = "<config>") -> Config:

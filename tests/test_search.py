@@ -20,11 +20,11 @@ GOOD = {"optim.lr": 2e-3}
 
 
 def write_space(path: Path, points, num_samples: int, max_concurrent: int = 2, max_steps: int = 40,
-                scheduler=None, report_every: int = 5) -> Path:
+                scheduler=None, report_every: int = 5, overrides=None) -> Path:
     space = {
         "description": "test space",
         "base": {"preset": "digits"},
-        "overrides": TINY_OVERRIDES,
+        "overrides": {**TINY_OVERRIDES, **(overrides or {})},
         "params": {"optim.lr": {"type": "loguniform", "low": 1e-8, "high": 1e4},
                    "objective.lsep.uncond_prob": {"type": "uniform", "low": 0.5, "high": 1.0}},
         "metric": {"name": "flow_loss", "mode": "min"},
@@ -58,7 +58,9 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
         {"optim.lr": 1e-8},  # deliberately bad: it barely learns, so ASHA stops it at a rung
         {"optim.lr": 1e4},  # diverges: a failed trial, and the search goes on
     ]
-    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2)
+    # A small final evaluation after the last step: its final_* metrics must reach MLflow.
+    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2,
+                        overrides={"run.final_eval_samples": 20})
     out = tmp_path / "search"
     rc = main(["--space", str(space), "--output", str(out)])
     printed = capsys.readouterr().out
@@ -92,6 +94,30 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     study = optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"])
     values = {t.params["optim.lr"]: t.value for t in study.trials}
     assert values[1e4] == 1e12 and values[2e-3] < values[1e-8] < 1e12
+
+    # Every run ended in the state its trial reached, with an end time; none is left RUNNING.
+    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+    assert by_lr[1e4].info.status == "FAILED"
+    assert by_lr[1e-8].info.status == "KILLED"  # stopped by ASHA
+    for lr in (2e-3, 1e-3):
+        expected = "FINISHED" if trials[lr]["status"] == "completed" else "KILLED"
+        assert by_lr[lr].info.status == expected
+    assert all(c.info.end_time for c in children) and parent.info.status == "FINISHED" and parent.info.end_time
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and all("final_fid" in c.data.metrics for c in finished)
+    assert parent.data.metrics["best_flow_loss"] == pytest.approx(summary["best_metric"])
+    # Names a person reads: the trial's number and its searched values; the search's name once.
+    assert parent.info.run_name == "search"
+    assert sorted(c.info.run_name.split(":")[0] for c in children) == [f"trial {i}" for i in range(1, 5)]
+    assert all("lr=" in c.info.run_name and "uncond_prob=" in c.info.run_name for c in children)
+
+    # Scheduler-stopped trials are PRUNED, their intermediate values keyed by training step.
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert sorted(t.params["optim.lr"] for t in pruned) == sorted(
+        s["params"]["optim.lr"] for s in summary["trials"] if s["status"] == "stopped")
+    stopped = next(t for t in pruned if t.params["optim.lr"] == 1e-8)
+    assert sorted(stopped.intermediate_values) == list(range(5, trials[1e-8]["step"] + 1, 5))
+    assert "proxy_validity" in summary  # needs three trials run to the end: none here
 
     # best.yaml is a full config that the trainer reruns.
     from lsep_tune.train.__main__ import main as train_main
@@ -176,3 +202,21 @@ def test_cli_argument_errors(tmp_path, capsys):
     assert "--num-samples: 0" in capsys.readouterr().err
     assert main(["--resume", "--output", str(tmp_path / "never")]) == 2
     assert "search.json" in capsys.readouterr().err
+
+
+def test_proxy_validity_is_the_rank_correlation_of_rungs_with_the_end():
+    from lsep_tune.search.report import proxy_validity
+
+    # Four trials run to step 30; at step 10 their order is 1,2,4,3 (by value), at step 20 fully reversed.
+    curves = {
+        "a": {10: 1.0, 20: 9.0, 30: 1.0},
+        "b": {10: 2.0, 20: 8.0, 30: 2.0},
+        "c": {10: 4.0, 20: 7.0, 30: 3.0},
+        "d": {10: 3.0, 20: 6.0, 30: 40.0},  # ranks, not values, count
+        "short": {10: 0.5},  # stopped early: not part of the figure
+    }
+    # By hand: ranks at 10 are 1,2,4,3 against 1,2,3,4 at the end -> d^2 = 0+0+1+1 = 2,
+    # rho = 1 - 6 * 2 / (4 * (16 - 1)) = 0.8; step 20 reverses the order -> -1.
+    assert proxy_validity(curves, 30, [10, 20]) == {10: 0.8, 20: -1.0}
+    # Fewer than three trials with a value at a step: no figure for that step.
+    assert proxy_validity({k: curves[k] for k in "ab"}, 30, [10]) == {}

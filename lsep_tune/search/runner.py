@@ -45,9 +45,8 @@ class SearchPaths:
         return (self.output / "trials").resolve()
 
 
-def trial_run_name(trial_id: str, params: dict) -> str:
-    """`trial 3: uncond_prob=0.9, probe_lr=0.003`: Tune's trial number and the searched values."""
-    number = int(trial_id.rsplit("_", 1)[-1])
+def trial_run_name(number: int | str, params: dict) -> str:
+    """`trial 3: uncond_prob=0.9, probe_lr=0.003`: the trial's number and its searched values."""
     short = {k: k.rsplit(".", 1)[-1] for k in params}
     for key, name in short.items():  # objective.lsep.weight and objective.sra.weight: keep the section
         if list(short.values()).count(name) > 1:
@@ -65,8 +64,8 @@ def find_child_run(client, paths: SearchPaths, trial_id: str):
     return found[0] if found else None
 
 
-def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict) -> str:
-    """The trial's nested MLflow run: found again by tag after a restart, created otherwise."""
+def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: int | str) -> str:
+    """The trial's nested MLflow run: found again by tag (after a restart, or made by the driver), else created."""
     client = tracking.client(paths.mlflow_uri)
     found = find_child_run(client, paths, trial_id)
     if found:
@@ -74,7 +73,7 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict) -> str:
     parent = client.get_run(paths.parent_run_id)
     return tracking.create_run(
         paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
-        run_name=trial_run_name(trial_id, params), experiment=client.get_experiment(parent.info.experiment_id).name,
+        run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
         parent_run_id=paths.parent_run_id,
     )
 
@@ -88,7 +87,7 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(params)
-    run_id = child_run_id(paths, trial_id, cfg, params)
+    run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
     b = space.budget
     placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
     out = paths.output.resolve() / "trial_runs" / trial_id
@@ -105,16 +104,24 @@ class TrialDiverged(RuntimeError):
     """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
 
 
-class RunStates(Callback):
-    """Ends each trial's MLflow run in the state the trial reached: FINISHED when it trained to the end,
+class TrialRuns(Callback):
+    """The driver's side of the trials' MLflow runs: each is made when its trial starts, named by its
+    place in the search, and ended in the state the trial reached: FINISHED when it trained to the end,
     KILLED when the scheduler (or the time budget) stopped it, FAILED on error."""
 
-    def __init__(self, paths: SearchPaths, max_steps: int):
-        self.paths, self.max_steps = paths, max_steps
+    def __init__(self, paths: SearchPaths, space):
+        self.paths, self.space = paths, space
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        try:
+            cfg = self.space.trial_config(trial.config)
+            child_run_id(self.paths, trial.trial_id, cfg, trial.config, trials.index(trial) + 1)
+        except Exception as err:  # tracking never stops a search; the trial makes its run itself
+            print(f"warning: could not make the MLflow run of trial {trial.trial_id} ({type(err).__name__}: {err})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.max_steps else "KILLED")
+        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.budget.max_steps else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         end_run(self.paths, trial.trial_id, "FAILED")
@@ -249,7 +256,7 @@ def fit(space, paths: SearchPaths, resume: bool):
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[RunStates(paths, space.budget.max_steps)]),
+                                      callbacks=[TrialRuns(paths, space)]),
         )
     return tuner.fit()
 
