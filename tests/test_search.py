@@ -126,12 +126,14 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_after_killing_the_driver(tmp_path):
-    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it."""
+def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
+    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it, tracked on a real
+    `mlflow server`."""
     space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
                         scheduler={"type": "none"}, report_every=10)
     out = tmp_path / "search"
-    cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out)]
+    cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out),
+           "--mlflow-uri", mlflow_server.uri]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     # Kill once the first trial has finished and the second has written a checkpoint.
@@ -167,6 +169,16 @@ def test_resume_after_killing_the_driver(tmp_path):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")]
         assert sorted(steps) == [10, 20, 30, 40, 50, 60]
+    # Read back from the server: every run ended FINISHED with an end time, the interrupted one too;
+    # the parent has its best_* metric; names are the trial's number and values, the search's name once.
+    _, parent, children = child_runs(summary)
+    assert [c.info.status for c in children] == ["FINISHED"] * 3 and all(c.info.end_time for c in children)
+    assert parent.info.status == "FINISHED" and parent.info.end_time and parent.info.run_name == "search"
+    assert parent.data.metrics["best_flow_loss"] == pytest.approx(summary["best_metric"])
+    assert sorted(c.info.run_name.split(":")[0] for c in children) == ["trial 1", "trial 2", "trial 3"]
+    # Three trials ran to the end: the rank correlation of each earlier report with the final loss.
+    assert set(summary["proxy_validity"]) == {"10", "20", "30", "40", "50"}
+    assert all(-1 <= v <= 1 for v in summary["proxy_validity"].values())
 
 
 BAD_SPACES = [
@@ -220,3 +232,20 @@ def test_proxy_validity_is_the_rank_correlation_of_rungs_with_the_end():
     assert proxy_validity(curves, 30, [10, 20]) == {10: 0.8, 20: -1.0}
     # Fewer than three trials with a value at a step: no figure for that step.
     assert proxy_validity({k: curves[k] for k in "ab"}, 30, [10]) == {}
+
+
+def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path, capsys):
+    import ray
+
+    ray.shutdown()
+    assert main(["--smoke", "--output", "/proc/x"]) == 2  # not a place anyone can write
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output: /proc/x: not writable") and len(err.splitlines()) == 1
+    path = write_space(tmp_path / "big.yaml", [], num_samples=2)
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["cpus_per_worker"] = (os.cpu_count() or 1) * 8
+    path.write_text(yaml.safe_dump(data))
+    assert main(["--space", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: budget.workers_per_trial: one trial needs") and len(err.splitlines()) == 1
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()

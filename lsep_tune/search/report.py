@@ -3,6 +3,7 @@ early rungs predict the final ranking, and the lines printed at the end."""
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 
 PROXY_WARNING = 0.5  # below this rank correlation, stopping trials at a rung is close to guessing
@@ -109,7 +110,9 @@ def optuna_plots(study, space, out_dir: Path) -> list[Path]:
         if title == "param_importances" and len(complete) < 2:
             continue
         try:
-            fn(study, target=target, target_name=name)
+            with warnings.catch_warnings():  # "experimental" notes and degenerate-axis notes: nothing to act on
+                warnings.simplefilter("ignore")
+                fn(study, target=target, target_name=name)
         except (ValueError, RuntimeError) as err:  # e.g. too few trials for importances
             print(f"note: no {title} plot ({err})")
             plt.close("all")

@@ -232,6 +232,18 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     return summary
 
 
+def progress_table(space):
+    """Tune's live table with the searched metric(s) and the training step, params by their short names."""
+    from ray.tune import CLIReporter
+
+    # Tune's newer table shows the first four metrics a trial reports, not the searched one.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    columns = {"step": "step", **{m: m for m in space.metric_names}}
+    params = {p: p.rsplit(".", 1)[-1] for p in space.params}
+    return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
+                       metric=space.metric_names[0], mode=space.modes[0], sort_by_metric=True)
+
+
 def fit(space, paths: SearchPaths, resume: bool):
     """The Tuner run, new or restored; returns Tune's ResultGrid."""
     from ray import tune
@@ -256,7 +268,7 @@ def fit(space, paths: SearchPaths, resume: bool):
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[TrialRuns(paths, space)]),
+                                      callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space)),
         )
     return tuner.fit()
 
