@@ -241,7 +241,7 @@ def progress_table(space):
     columns = {"step": "step", **{m: m for m in space.metric_names}}
     params = {p: p.rsplit(".", 1)[-1] for p in space.params}
     return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
-                       metric=space.metric_names[0], mode=space.modes[0], sort_by_metric=True)
+                       sort_by_metric=True)  # ranked on TuneConfig's metric
 
 
 def fit(space, paths: SearchPaths, resume: bool):

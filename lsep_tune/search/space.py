@@ -1,7 +1,9 @@
 """Search spaces: one YAML file says what a search tries, on which base config, for which metric, with what budget.
 
 Everything is checked when the file is loaded, before any Ray worker starts: a bad file raises
-`SpaceError`, whose str is one line `FILE: FIELD: expectation`. `SearchSpace.define_by_run` gives
+`SpaceError`, whose str is one line `FILE: FIELD: expectation`. The file's shape is checked by the
+pydantic models in schema.py; what needs the base config (fields, conditions, metrics, evaluation
+steps, known-good points) is checked here. `SearchSpace.define_by_run` gives
 Optuna (directly or through Ray Tune's `OptunaSearch`) a conditional space; `trial_config` turns
 the sampled dotted values back into a validated `Config`. The format is documented in
 search_spaces/README.md.
@@ -10,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import math
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 
 from lsep_tune.config import Config, ConfigError, RunConfig, explain, load_raw, preset_names, set_path, validate
 from lsep_tune.search.schema import (
-    PARAM, SCHEDULER, SEARCHER, Budget, Choice, Metric, SpaceFile, contains, problem, same, suggest,
+    PARAM, SCHEDULER, SEARCHER, Metric, SpaceFile, contains, problem, same, suggest,
 )
 
 # Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
