@@ -182,18 +182,23 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _input_error(source: str, err: ValidationError) -> InputError:
+def explain(err: ValidationError) -> tuple[str, str]:
+    """The dotted field a validation error blames, and what was expected there."""
     first = err.errors()[0]
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
-        return InputError(source, ctx_err.field, ctx_err)
+        return ctx_err.field, str(ctx_err)
     loc = ".".join(str(p) for p in first["loc"]) or "<root>"
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
     elif "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
-    return InputError(source, loc, msg)
+    return loc, msg
+
+
+def _input_error(source: str, err: ValidationError) -> InputError:
+    return InputError(source, *explain(err))
 
 
 def validate(data: dict[str, Any], source: str = "<config>") -> Config:

@@ -1,8 +1,9 @@
 """MLflow tracking: one run per training run (nested under a search's parent run when searching).
 
 The driver creates the run and logs what is known up front (params, tags); rank 0 of the training
-logs metrics and artifacts into that run id, also after a restart. Metric steps already in MLflow
-are skipped, so a run resumed from a checkpoint leaves no duplicated steps. Tracking is never
+logs metrics and artifacts into that run id, also after a restart. A metric's steps already in
+MLflow are skipped, so a run resumed from a checkpoint leaves no duplicated steps; each metric keeps
+its own high-water mark, so a `final_*` metric logged at the last training step still arrives. Tracking is never
 allowed to stop training: an outage warns once and the loop goes on.
 """
 from __future__ import annotations
@@ -110,11 +111,20 @@ class RunTracker:
         self.uri, self.run_id = uri, run_id
         self._client = client(uri)
         self._failing = False
-        self.logged_through = self._call(self._last_logged_step, default=0) or 0
+        self._logged_through: dict[str, int] = {}  # metric -> last step in MLflow, read once per metric
 
-    def _last_logged_step(self) -> int:
-        history = self._client.get_metric_history(self.run_id, "loss")
-        return max((m.step for m in history), default=0)
+    @property
+    def logged_through(self) -> int:
+        """The last step any metric of this run is known to be recorded at."""
+        return max(self._logged_through.values(), default=0)
+
+    def _last_step(self, key: str) -> int:
+        if key not in self._logged_through:
+            history = self._call(self._client.get_metric_history, self.run_id, key)
+            if history is None:  # the store is away: try again next time
+                return -1
+            self._logged_through[key] = max((m.step for m in history), default=-1)
+        return self._logged_through[key]
 
     def _call(self, fn, *args, default=None, **kwargs):
         try:
@@ -131,14 +141,15 @@ class RunTracker:
         return out
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if step <= self.logged_through:
-            return  # already recorded before a restart: keep the series free of duplicate steps
         from mlflow.entities import Metric
 
+        fresh = {k: v for k, v in metrics.items() if step > self._last_step(k)}  # not logged before a restart
+        if not fresh:
+            return
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        batch = [Metric(k, float(v), now, step) for k, v in fresh.items()]
         if self._call(self._client.log_batch, self.run_id, metrics=batch, default=False) is not False:
-            self.logged_through = step
+            self._logged_through.update(dict.fromkeys(fresh, step))
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         self._call(self._client.log_artifact, self.run_id, str(path), artifact_path)

@@ -20,11 +20,11 @@ GOOD = {"optim.lr": 2e-3}
 
 
 def write_space(path: Path, points, num_samples: int, max_concurrent: int = 2, max_steps: int = 40,
-                scheduler=None, report_every: int = 5) -> Path:
+                scheduler=None, report_every: int = 5, overrides=None) -> Path:
     space = {
         "description": "test space",
         "base": {"preset": "digits"},
-        "overrides": TINY_OVERRIDES,
+        "overrides": {**TINY_OVERRIDES, **(overrides or {})},
         "params": {"optim.lr": {"type": "loguniform", "low": 1e-8, "high": 1e4},
                    "objective.lsep.uncond_prob": {"type": "uniform", "low": 0.5, "high": 1.0}},
         "metric": {"name": "flow_loss", "mode": "min"},
@@ -58,7 +58,9 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
         {"optim.lr": 1e-8},  # deliberately bad: it barely learns, so ASHA stops it at a rung
         {"optim.lr": 1e4},  # diverges: a failed trial, and the search goes on
     ]
-    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2)
+    # A small final evaluation after the last step: its final_* metrics must reach MLflow.
+    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2,
+                        overrides={"run.final_eval_samples": 20})
     out = tmp_path / "search"
     rc = main(["--space", str(space), "--output", str(out)])
     printed = capsys.readouterr().out
@@ -93,6 +95,30 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     values = {t.params["optim.lr"]: t.value for t in study.trials}
     assert values[1e4] == 1e12 and values[2e-3] < values[1e-8] < 1e12
 
+    # Every run ended in the state its trial reached, with an end time; none is left RUNNING.
+    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+    assert by_lr[1e4].info.status == "FAILED"
+    assert by_lr[1e-8].info.status == "KILLED"  # stopped by ASHA
+    for lr in (2e-3, 1e-3):
+        expected = "FINISHED" if trials[lr]["status"] == "completed" else "KILLED"
+        assert by_lr[lr].info.status == expected
+    assert all(c.info.end_time for c in children) and parent.info.status == "FINISHED" and parent.info.end_time
+    finished = [c for c in children if c.info.status == "FINISHED"]
+    assert finished and all("final_fid" in c.data.metrics for c in finished)
+    assert parent.data.metrics["best_flow_loss"] == pytest.approx(summary["best_metric"])
+    # Names a person reads: the trial's number and its searched values; the search's name once.
+    assert parent.info.run_name == "search"
+    assert sorted(c.info.run_name.split(":")[0] for c in children) == [f"trial {i}" for i in range(1, 5)]
+    assert all("lr=" in c.info.run_name and "uncond_prob=" in c.info.run_name for c in children)
+
+    # Scheduler-stopped trials are PRUNED, their intermediate values keyed by training step.
+    pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
+    assert sorted(t.params["optim.lr"] for t in pruned) == sorted(
+        s["params"]["optim.lr"] for s in summary["trials"] if s["status"] == "stopped")
+    stopped = next(t for t in pruned if t.params["optim.lr"] == 1e-8)
+    assert sorted(stopped.intermediate_values) == list(range(5, trials[1e-8]["step"] + 1, 5))
+    assert "proxy_validity" in summary  # needs three trials run to the end: none here
+
     # best.yaml is a full config that the trainer reruns.
     from lsep_tune.train.__main__ import main as train_main
 
@@ -100,12 +126,14 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
 
 
 @pytest.mark.slow
-def test_resume_after_killing_the_driver(tmp_path):
-    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it."""
+def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
+    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it, tracked on a real
+    `mlflow server`."""
     space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
                         scheduler={"type": "none"}, report_every=10)
     out = tmp_path / "search"
-    cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out)]
+    cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out),
+           "--mlflow-uri", mlflow_server.uri]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
     # Kill once the first trial has finished and the second has written a checkpoint.
@@ -141,6 +169,16 @@ def test_resume_after_killing_the_driver(tmp_path):
     for child in children:
         steps = [m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")]
         assert sorted(steps) == [10, 20, 30, 40, 50, 60]
+    # Read back from the server: every run ended FINISHED with an end time, the interrupted one too;
+    # the parent has its best_* metric; names are the trial's number and values, the search's name once.
+    _, parent, children = child_runs(summary)
+    assert [c.info.status for c in children] == ["FINISHED"] * 3 and all(c.info.end_time for c in children)
+    assert parent.info.status == "FINISHED" and parent.info.end_time and parent.info.run_name == "search"
+    assert parent.data.metrics["best_flow_loss"] == pytest.approx(summary["best_metric"])
+    assert sorted(c.info.run_name.split(":")[0] for c in children) == ["trial 1", "trial 2", "trial 3"]
+    # Three trials ran to the end: the rank correlation of each earlier report with the final loss.
+    proxy = summary["proxy_validity"]
+    assert proxy and set(proxy) <= {"10", "20", "30", "40", "50"} and all(-1 <= v <= 1 for v in proxy.values())
 
 
 BAD_SPACES = [
@@ -176,3 +214,38 @@ def test_cli_argument_errors(tmp_path, capsys):
     assert "--num-samples: 0" in capsys.readouterr().err
     assert main(["--resume", "--output", str(tmp_path / "never")]) == 2
     assert "search.json" in capsys.readouterr().err
+
+
+def test_proxy_validity_is_the_rank_correlation_of_rungs_with_the_end():
+    from lsep_tune.search.report import proxy_validity
+
+    # Four trials run to step 30; at step 10 their order is 1,2,4,3 (by value), at step 20 fully reversed.
+    curves = {
+        "a": {10: 1.0, 20: 9.0, 30: 1.0},
+        "b": {10: 2.0, 20: 8.0, 30: 2.0},
+        "c": {10: 4.0, 20: 7.0, 30: 3.0},
+        "d": {10: 3.0, 20: 6.0, 30: 40.0},  # ranks, not values, count
+        "short": {10: 0.5},  # stopped early: not part of the figure
+    }
+    # By hand: ranks at 10 are 1,2,4,3 against 1,2,3,4 at the end -> d^2 = 0+0+1+1 = 2,
+    # rho = 1 - 6 * 2 / (4 * (16 - 1)) = 0.8; step 20 reverses the order -> -1.
+    assert proxy_validity(curves, 30, [10, 20]) == {10: 0.8, 20: -1.0}
+    # Fewer than three trials with a value at a step: no figure for that step.
+    assert proxy_validity({k: curves[k] for k in "ab"}, 30, [10]) == {}
+
+
+def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path, capsys):
+    import ray
+
+    ray.shutdown()
+    assert main(["--smoke", "--output", "/proc/x"]) == 2  # not a place anyone can write
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output: /proc/x: not writable") and len(err.splitlines()) == 1
+    path = write_space(tmp_path / "big.yaml", [], num_samples=2)
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["cpus_per_worker"] = (os.cpu_count() or 1) * 8
+    path.write_text(yaml.safe_dump(data))
+    assert main(["--space", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: budget.workers_per_trial: one trial needs") and len(err.splitlines()) == 1
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()

@@ -343,3 +343,32 @@ def test_readme_example_is_a_valid_space(tmp_path):
     path.write_text(example)
     space = load_space(path)
     assert space.points_to_evaluate[0][L + "weight_start"] == 0.0225
+
+
+@pytest.mark.slow
+def test_shipped_spaces_are_package_data_of_a_non_editable_install(tmp_path):
+    """`pip install .` (not editable) ships the spaces: an installed lsep_tune finds them from any folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    source = tmp_path / "source"  # a copy: pip builds in the source folder and leaves build/ there
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    for name in ("lsep_tune", "search_spaces"):  # lsep_tune/search_spaces stays a link, as in git
+        shutil.copytree(root / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", str(source), "--no-deps", "--no-build-isolation",
+                    "--target", str(target), "-q"], check=True, cwd=tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    code = ("import lsep_tune; from lsep_tune.search.space import load_space, space_names; "
+            "print(lsep_tune.__file__); print(*[load_space(n).source for n in space_names()])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=elsewhere,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}, check=True).stdout.splitlines()
+    assert out[0].startswith(str(target))
+    assert out[1].split() == [f"search_spaces/{name}.yaml" for name in sorted(SHIPPED)]

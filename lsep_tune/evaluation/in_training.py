@@ -11,6 +11,9 @@ import torch
 
 from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED, generate
 
+# What an in-training evaluation reports, and the direction in which each improves.
+EVAL_METRICS = {"fid": "min", "isc_mean": "max"}
+
 
 @torch.no_grad()
 def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int = DEFAULT_BATCH) -> np.ndarray:
@@ -31,4 +34,4 @@ def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = DEFAULT
     out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
                           extractor_weights=cfg.run.eval_extractor_weights,
                           cuda=torch.device(device).type == "cuda")
-    return {k: out[k] for k in ("fid", "isc_mean") if k in out}
+    return {k: out[k] for k in EVAL_METRICS if k in out}

@@ -26,6 +26,8 @@ class TrainObjective(nn.Module):
     `forward` returns the total loss and detached metrics for one micro-batch.
     """
 
+    metrics = {"loss": "min", "flow_loss": "min"}  # besides each enabled regularizer's own
+
     def __init__(self, sit: nn.Module, objective_cfg):
         super().__init__()
         self.sit = sit

@@ -32,6 +32,9 @@ class RegularizerOutput:
 
 class Regularizer(nn.Module):
     Config: ClassVar[type[RegularizerConfig]]
+    # The metrics `forward` reports, each with the direction in which it improves (None: neither);
+    # search spaces read them here, so a new regularizer's metrics are searchable without touching search/.
+    metrics: ClassVar[dict[str, str | None]] = {}
     feature_depths: tuple[int, ...] = ()
 
     def forward(

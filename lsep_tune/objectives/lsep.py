@@ -55,6 +55,7 @@ def step_weights(t: torch.Tensor, start: float, end: float, n: int) -> torch.Ten
 
 class LSEP(Regularizer):
     Config = LSEPConfig
+    metrics = {"lsep_ce": "min", "probe_acc": "max"}
 
     def __init__(self, cfg: LSEPConfig, hidden_size: int, num_classes: int, grid_size: int):
         super().__init__()

@@ -54,6 +54,7 @@ def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: SRAConfig)
 
 class SRA(Regularizer):
     Config = SRAConfig
+    metrics = {"sra_loss": "min"}
 
     def __init__(self, cfg: SRAConfig, hidden_size: int, num_classes: int, grid_size: int):
         super().__init__()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -45,29 +46,41 @@ def resolve_output(args, space_name: str) -> Path:
 
 
 def prepare(args):
+    """Everything checkable is checked here, before Ray starts and before anything is written."""
     from lsep_tune import tracking
+    from lsep_tune.files import require_writable_dir
     from lsep_tune.search.space import load_space
 
-    space = load_space(args.space)
-    if args.smoke:
-        space = space.smoke()
     for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
         if value is not None and value < 1:
             raise InputError(flag, value, "expected a positive integer")
+    space = load_space(args.space)
+    if args.smoke:
+        space = space.smoke()
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
-    output = resolve_output(args, Path(space.source).stem)
+    if not (args.address or os.environ.get("RAY_ADDRESS")):
+        check_local_budget(space)
+    output = resolve_output(args, space.name)
     uri = args.mlflow_uri
     if args.resume and not uri:
         uri = json.loads((output / "search.json").read_text()).get("mlflow_tracking_uri")
-    uri = uri or tracking.default_uri(output)
-    problem = tracking.check_uri(uri)
-    if problem:
-        raise InputError("--mlflow-uri", uri, problem)
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError("--output", output, f"not writable ({err.strerror})") from None
-    return space, output, uri
+    if uri:  # given (or remembered): its own mistakes are its own
+        problem = tracking.check_uri(uri)
+        if problem:
+            raise InputError("--mlflow-uri", uri, problem)
+    require_writable_dir(output, "--output")
+    return space, output, uri or tracking.default_uri(output)
+
+
+def check_local_budget(space) -> None:
+    """A local Ray is sized so that max_concurrent trials fit; one trial alone must still fit the
+    machine's cores, or it would wait on processes that never get a core."""
+    need = space.budget.workers_per_trial * space.budget.cpus_per_worker
+    have = os.cpu_count() or 1
+    if need > have:
+        raise InputError(space.source, "budget.workers_per_trial",
+                         f"one trial needs {need:g} CPUs (workers_per_trial x cpus_per_worker), this machine "
+                         f"has {have}; lower them or pass --address of a cluster")
 
 
 def connect(args, space) -> None:
@@ -88,29 +101,16 @@ def _main(args: argparse.Namespace) -> int:
         space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
         connect(args, space)
     except InputError as err:
-        print(f"error: {err.line({'address': '--address'})}", file=sys.stderr)
+        print(f"error: {err.line({'address': '--address', 'storage': '--output'})}", file=sys.stderr)
         return 2
 
+    from lsep_tune.search.report import print_summary
     from lsep_tune.search.runner import run_search
     from lsep_tune.tracking import ui_command
 
     summary = run_search(space, output, uri, resume=args.resume)
-    failed = sum(r["status"] == "failed" for r in summary["trials"])
-    print(f"\n{len(summary['trials'])} trials ({failed} failed) in {summary['wall_time_s']:.0f} s")
-    if summary["best_trial"]:
-        best = summary["best_metric"]
-        shown = ", ".join(f"{k} {v:.4g}" for k, v in best.items()) if isinstance(best, dict) else f"{best:.4g}"
-        print(f"best {summary['metric']}: {shown} (trial {summary['best_trial']})")
-        for key, value in sorted(summary["best_params"].items()):
-            print(f"  {key} = {value}")
-        print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")
-    else:
-        print("no trial finished with a metric")
-    print(f"summary: {output / 'summary.json'}")
-    print(f"Optuna study: optuna-dashboard {summary['optuna_storage']}  (pip install optuna-dashboard)")
-    print(f"MLflow: {ui_command(uri)}")
+    print_summary(summary, output, ui_command(uri))
     return 0 if summary["best_trial"] else 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -4,6 +4,7 @@ Train V2 pattern: each Tune trial is a small function that builds a `TorchTraine
 and forwards rank 0's reports to Tune (`TuneReportCallback`), so schedulers (ASHA / HyperBand)
 stop poor trials on the step-indexed metrics. The Optuna study lives in an RDB file that
 `optuna-dashboard` opens; MLflow gets one parent run per search and one nested run per trial.
+The driver owns every run's end state: a stopped trial's process is killed before it could say.
 """
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from ray.tune import Callback
 
 from lsep_tune import tracking
 from lsep_tune.config import dump_config, flatten
-
-STUDY_NAME = "lsep_tune"
+from lsep_tune.search import report
+from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 TRIAL_ID_TAG = "lsep_tune.trial_id"
 TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer
 
@@ -43,78 +45,37 @@ class SearchPaths:
         return (self.output / "trials").resolve()
 
 
-def penalty(mode: str) -> float:
-    """What a failed trial tells the searcher: worse than anything a real trial can report."""
-    return 1e12 if mode == "min" else -1e12
+def trial_run_name(number: int | str, params: dict) -> str:
+    """`trial 3: uncond_prob=0.9, probe_lr=0.003`: the trial's number and its searched values."""
+    short = {k: k.rsplit(".", 1)[-1] for k in params}
+    for key, name in short.items():  # objective.lsep.weight and objective.sra.weight: keep the section
+        if list(short.values()).count(name) > 1:
+            short[key] = ".".join(key.split(".")[-2:])
+    values = ", ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in params.items())
+    return f"trial {number}: {values}" if values else f"trial {number}"
 
 
-def make_searcher(space, paths: SearchPaths):
-    import optuna
-    from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
-
-    metrics, modes = space.metric_names, space.modes
-
-    class PenalizingOptunaSearch(OptunaSearch):
-        """A trial that failed or diverged is told to Optuna as the worst value, not dropped,
-        so TPE learns to avoid that region instead of sampling it again."""
-
-        def on_trial_result(self, trial_id, result):
-            if all(m in result for m in metrics):  # a divergence report carries no metric
-                super().on_trial_result(trial_id, result)
-
-        def on_trial_complete(self, trial_id, result=None, error=False):
-            if error:
-                result = {m: penalty(mode) for m, mode in zip(metrics, modes)}
-                error = False
-            elif result is not None and any(m not in result for m in metrics):
-                result = {**result, **{m: penalty(mode) for m, mode in zip(metrics, modes) if m not in result}}
-            super().on_trial_complete(trial_id, result, error)
-
-    searcher = PenalizingOptunaSearch(
-        space=space.define_by_run,
-        metric=space.metric,
-        mode=space.mode,
-        points_to_evaluate=space.points_to_evaluate or None,
-        sampler=space.sampler(),
-        study_name=STUDY_NAME,
-        storage=optuna.storages.RDBStorage(paths.optuna_storage),
-    )
-    return ConcurrencyLimiter(searcher, max_concurrent=space.budget.max_concurrent)
-
-
-def make_scheduler(space):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
-
-    kwargs = {k: v for k, v in space.scheduler_spec.items() if k != "type"}  # Ray's own argument names
-    kwargs.setdefault("time_attr", "step")
-    kwargs.setdefault("max_t", space.budget.max_steps)
-    kind = space.scheduler_spec.get("type", "none")
-    if kind == "asha":
-        return ASHAScheduler(**kwargs)
-    if kind == "hyperband":
-        return HyperBandScheduler(**kwargs)
-    return FIFOScheduler()
-
-
-def child_run_id(paths: SearchPaths, trial_id: str, trial_name: str, cfg, params: dict) -> str:
-    """The trial's nested MLflow run: found again by tag after a restart, created otherwise."""
-    client = tracking.client(paths.mlflow_uri)
+def find_child_run(client, paths: SearchPaths, trial_id: str):
     parent = client.get_run(paths.parent_run_id)
     found = client.search_runs(
         [parent.info.experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
     )
+    return found[0] if found else None
+
+
+def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: int | str) -> str:
+    """The trial's nested MLflow run: found again by tag (after a restart, or made by the driver), else created."""
+    client = tracking.client(paths.mlflow_uri)
+    found = find_child_run(client, paths, trial_id)
     if found:
-        return found[0].info.run_id
+        return found.info.run_id
+    parent = client.get_run(paths.parent_run_id)
     return tracking.create_run(
         paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
-        run_name=trial_name, experiment=parent_experiment_name(client, parent), parent_run_id=paths.parent_run_id,
+        run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
+        parent_run_id=paths.parent_run_id,
     )
-
-
-def parent_experiment_name(client, parent) -> str:
-    return client.get_experiment(parent.info.experiment_id).name
 
 
 def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
@@ -125,114 +86,76 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     from lsep_tune.cluster import Placement
     from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
 
-    ctx = tune.get_context()
-    trial_id, trial_name = ctx.get_trial_id(), ctx.get_trial_name()
+    trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(params)
-    run_id = child_run_id(paths, trial_id, trial_name, cfg, params)
+    run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
     b = space.budget
     placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
                          mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
-    tracker = tracking.RunTracker(paths.mlflow_uri, run_id)
-    try:
-        build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
-    except Exception:
-        tracker.finish("FAILED")
-        raise
+    build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
     diverged = divergence(out)
     if diverged:
-        tracker.finish("FAILED")
         raise TrialDiverged(f"trial {trial_id} diverged: {diverged['error']}")
-    tracker.finish("FINISHED")
 
 
 class TrialDiverged(RuntimeError):
     """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
 
 
-def trial_table(results, space) -> list[dict]:
-    rows = []
-    metric = space.metric_names[0]
-    for res in results:
-        last = res.metrics or {}
-        trial_id = last.get("trial_id") or Path(res.path).name
-        rows.append({
-            "id": trial_id,
-            "status": "failed" if res.error else ("stopped" if last.get("step", 0) < space.budget.max_steps else "completed"),
-            "params": {k: v for k, v in (res.config or {}).items()},
-            "metric": {m: last.get(m) for m in space.metric_names} if len(space.metric_names) > 1 else last.get(metric),
-            "step": last.get("step"),
-            "error": str(res.error).splitlines()[-1][:300] if res.error else None,
-        })
-    return rows
+class TrialRuns(Callback):
+    """The driver's side of the trials' MLflow runs: each is made when its trial starts, named by its
+    place in the search, and ended in the state the trial reached: FINISHED when it trained to the end,
+    KILLED when the scheduler (or the time budget) stopped it, FAILED on error."""
 
+    def __init__(self, paths: SearchPaths, space):
+        self.paths, self.space = paths, space
 
-def best_trial(rows: list[dict], space) -> dict | None:
-    """The best metric among the trials trained furthest: an early rung's FID is not comparable
-    with a fully trained trial's, so trials the scheduler stopped early only win if none went further.
-    With several objectives the first decides (the whole Pareto front is in the summary)."""
-    primary, mode = space.metric_names[0], space.modes[0]
-
-    def value(row):
-        v = row["metric"][primary] if isinstance(row["metric"], dict) else row["metric"]
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
-    done = [r for r in rows if r["status"] != "failed" and value(r) is not None]
-    if not done:
-        return None
-    furthest = max(r["step"] or 0 for r in done)
-    done = [r for r in done if (r["step"] or 0) == furthest]
-    return (min if mode == "min" else max)(done, key=value)
-
-
-def pareto_front(paths: SearchPaths) -> list[dict]:
-    import optuna
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
-    return [{"number": t.number, "values": t.values, "params": t.params} for t in study.best_trials]
-
-
-def optuna_plots(paths: SearchPaths, space) -> list[Path]:
-    """Optimization history, parameter importances and parallel coordinates as PNGs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import optuna
-    from optuna.visualization import matplotlib as ovm
-
-    study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
-    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-    out_dir = paths.output / "plots"
-    out_dir.mkdir(exist_ok=True)
-    target = None if len(space.metric_names) == 1 else (lambda t: t.values[0])
-    name = space.metric_names[0]
-    made = []
-    plots = {"optimization_history": ovm.plot_optimization_history,
-             "param_importances": ovm.plot_param_importances,
-             "parallel_coordinate": ovm.plot_parallel_coordinate}
-    for title, fn in plots.items():
-        if title == "param_importances" and len(complete) < 2:
-            continue
+    def on_trial_start(self, iteration, trials, trial, **info):
         try:
-            fn(study, target=target, target_name=name)
-        except (ValueError, RuntimeError) as err:  # e.g. too few trials for importances
-            print(f"note: no {title} plot ({err})")
-            plt.close("all")
-            continue
-        path = out_dir / f"{title}.png"
-        plt.gcf().savefig(path, bbox_inches="tight", dpi=110)
-        plt.close("all")
-        made.append(path)
-    return made
+            cfg = self.space.trial_config(trial.config)
+            child_run_id(self.paths, trial.trial_id, cfg, trial.config, trials.index(trial) + 1)
+        except Exception as err:  # tracking never stops a search; the trial makes its run itself
+            print(f"warning: could not make the MLflow run of trial {trial.trial_id} ({type(err).__name__}: {err})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        step = (trial.last_result or {}).get("step", 0)
+        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.budget.max_steps else "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        end_run(self.paths, trial.trial_id, "FAILED")
+
+
+def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
+    try:
+        client = tracking.client(paths.mlflow_uri)
+        run = find_child_run(client, paths, trial_id)
+        if run is not None:
+            client.set_terminated(run.info.run_id, status)
+    except Exception as err:  # tracking never stops a search
+        print(f"warning: could not end the MLflow run of trial {trial_id} ({type(err).__name__}: {err})")
+
+
+def end_unfinished_runs(paths: SearchPaths, status: str) -> None:
+    """Whatever trial run is still RUNNING when the command exits (a trial never started, an interrupt)
+    ends now; a resumed search reopens nothing, it logs into the same run and ends it again."""
+    client = tracking.client(paths.mlflow_uri)
+    parent = client.get_run(paths.parent_run_id)
+    for run in client.search_runs([parent.info.experiment_id], filter_string=(
+            f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and attributes.status = 'RUNNING'")):
+        client.set_terminated(run.info.run_id, status)
+
+
+def parent_run_name(output: Path) -> str:
+    return output.name if output.name.startswith("search") else f"search-{output.name}"
 
 
 def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> dict:
     """Run (or resume) the search; Ray must already be connected. Returns the summary."""
+    import optuna
     import ray
-    from ray import tune
 
     # A trial that diverges before its first report has no metric yet; the space's own validation
     # already guarantees every metric is one the trainer reports.
@@ -244,7 +167,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     parent = state.get("mlflow_parent_run_id") or tracking.create_run(
         mlflow_uri, {f"space.{k}": v for k, v in flatten(space.to_dict()).items()},
         {"lsep_tune.kind": "search", "space": space.source, "output": str(output)},
-        run_name=f"search-{output.name}", artifact_location=tracking.artifact_location_for(mlflow_uri, output),
+        run_name=parent_run_name(output), artifact_location=tracking.artifact_location_for(mlflow_uri, output),
     )
     paths = SearchPaths(output, mlflow_uri, parent)
     state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent, optuna_storage=paths.optuna_storage,
@@ -254,33 +177,17 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     space_file = output / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     parent_tracker.log_artifact(space_file)
-
-    trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
-                                    {"cpu": TRIAL_DRIVER_CPU})
+    try:
+        results = fit(space, paths, resume)
+    except BaseException:
+        end_unfinished_runs(paths, "KILLED")
+        parent_tracker.finish("KILLED")
+        raise
+    end_unfinished_runs(paths, "KILLED")
+    rows = report.trial_table(results, space)
     single = len(space.metric_names) == 1
-    tune_path = paths.tune_root / "search"
-    if resume and tune.Tuner.can_restore(str(tune_path)):
-        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
-                                   resume_errored=False, restart_errored=False)
-    else:
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                search_alg=make_searcher(space, paths),
-                scheduler=make_scheduler(space),
-                num_samples=space.budget.num_samples,
-                metric=space.metric_names[0] if single else None,
-                mode=space.modes[0] if single else None,
-                max_concurrent_trials=space.budget.max_concurrent,
-                time_budget_s=space.budget.time_budget_s,
-            ),
-            run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
-                                      failure_config=tune.FailureConfig(max_failures=0)),
-        )
-    results = tuner.fit()
-    rows = trial_table(results, space)
-
-    best = best_trial(rows, space)
+    best = report.best_trial(rows, space)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
     summary = {
         "space": space.source,
         "num_samples": space.budget.num_samples,
@@ -298,8 +205,14 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         "optuna_study": STUDY_NAME,
         "ray_address": ray.get_runtime_context().gcs_address,
     }
-    if not single:
-        summary["pareto_front"] = pareto_front(paths)
+    if single:
+        curves = report.histories(results, rows, space.metric_names[0])
+        proxy = report.proxy_validity(curves, space.budget.max_steps, report.rung_steps(space))
+        summary["proxy_validity"] = {str(step): rho for step, rho in proxy.items()}
+        for step, rho in proxy.items():
+            parent_tracker.log_metrics({"proxy_validity": rho}, step)
+    else:
+        summary["pareto_front"] = report.pareto_front(study)
     if best:
         best_cfg = space.trial_config(best["params"])
         dump_config(best_cfg, output / "best.yaml")
@@ -307,9 +220,10 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         summary["best_yaml"] = str(output / "best.yaml")
         parent_tracker.log_artifact(output / "best.yaml")
         best_values = best["metric"] if isinstance(best["metric"], dict) else {space.metric_names[0]: best["metric"]}
-        parent_tracker.log_metrics({f"best_{k}": float(v) for k, v in best_values.items() if v is not None}, 0)
+        parent_tracker.log_metrics({f"best_{k}": float(v) for k, v in best_values.items() if v is not None},
+                                   space.budget.max_steps)
         parent_tracker.set_tags({"best_trial": best["id"]})
-    for plot in optuna_plots(paths, space):
+    for plot in report.optuna_plots(study, space, output / "plots"):
         parent_tracker.log_artifact(plot, "plots")
     state["wall_time_s"] = summary["wall_time_s"]
     state_file.write_text(json.dumps(state, indent=2) + "\n")
@@ -317,6 +231,47 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     parent_tracker.log_artifact(output / "summary.json")
     parent_tracker.finish("FINISHED" if best else "FAILED")
     return summary
+
+
+def progress_table(space):
+    """Tune's live table with the searched metric(s) and the training step, params by their short names."""
+    from ray.tune import CLIReporter
+
+    # Tune's newer table shows the first four metrics a trial reports, not the searched one.
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    columns = {"step": "step", **{m: m for m in space.metric_names}}
+    params = {p: p.rsplit(".", 1)[-1] for p in space.params}
+    return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
+                       sort_by_metric=True)  # ranked on TuneConfig's metric
+
+
+def fit(space, paths: SearchPaths, resume: bool):
+    """The Tuner run, new or restored; returns Tune's ResultGrid."""
+    from ray import tune
+
+    trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
+                                    {"cpu": TRIAL_DRIVER_CPU})
+    tune_path = paths.tune_root / "search"
+    if resume and tune.Tuner.can_restore(str(tune_path)):
+        tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=False, restart_errored=False)
+    else:
+        single = len(space.metric_names) == 1
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                search_alg=make_searcher(space, paths.optuna_storage),
+                scheduler=make_scheduler(space),
+                num_samples=space.budget.num_samples,
+                metric=space.metric_names[0] if single else None,
+                mode=space.modes[0] if single else None,
+                time_budget_s=space.budget.time_budget_s,
+            ),
+            run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
+                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space)),
+        )
+    return tuner.fit()
 
 
 def check_budget(space) -> None:

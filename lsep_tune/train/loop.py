@@ -32,6 +32,10 @@ class TrainingDiverged(RuntimeError):
         self.step = step
 
 
+# What the loop itself reports besides the objective's metrics (None: neither direction is better).
+LOOP_METRICS = {"grad_norm": None, "lr": None, "train_cost": "min"}
+
+
 def build_objective(cfg: Config) -> TrainObjective:
     return TrainObjective(sit_from_config(cfg.model), cfg.objective)
 

@@ -1,0 +1,329 @@
+"""A search-space file as pydantic models: types, ranges, unknown keys and the kind of each parameter,
+searcher and scheduler are checked here (discriminated unions on `type`); what needs the base config
+(fields, conditions, metrics, evaluation steps) is checked in space.py.
+
+To add a searcher: a model here with its Optuna sampler's own argument names, added to `Searcher`,
+and one line in search/searcher.py's SAMPLERS.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+import optuna.distributions as od
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
+
+from lsep_tune.schema import FieldError
+
+Scalar = Union[StrictBool, int, float, str, None]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----- parameters: each one an optuna.distributions object ------------------------------------------
+
+class _Param(Strict):
+    when: dict[str, Union[Scalar, list[Scalar]]] | None = None
+
+    @property
+    def conditions(self) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        """((field, allowed values), ...): the param is sampled only when every field takes one of its values."""
+        return tuple((f, tuple(v) if isinstance(v, list) else (v,)) for f, v in (self.when or {}).items())
+
+    @model_validator(mode="after")
+    def _check_when(self):
+        if self.when is not None and not self.when:
+            raise FieldError("when", "expected at least one condition")
+        for field, value in (self.when or {}).items():
+            if value == []:
+                raise FieldError(f"when.{field}", "expected a value or a non-empty list of values")
+        return self
+
+
+class _Range(_Param):
+    @model_validator(mode="after")
+    def _check_range(self):
+        if self.low > self.high:
+            raise FieldError("low", f"expected low <= high (got low {self.low}, high {self.high})")
+        return self
+
+
+class Uniform(_Range):
+    type: Literal["uniform"]
+    low: float
+    high: float
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check_step(self):
+        if self.step is not None:
+            k = (self.high - self.low) / self.step
+            if abs(k - round(k)) > 1e-8:  # Optuna would silently move `high` onto the grid
+                raise FieldError("step", f"expected high - low ({self.high - self.low:g}) to be a multiple of "
+                                 f"the step {self.step:g}")
+        return self
+
+    @property
+    def distribution(self) -> od.FloatDistribution:
+        return od.FloatDistribution(self.low, self.high, step=self.step)
+
+
+class LogUniform(_Range):
+    type: Literal["loguniform"]
+    low: float
+    high: float
+
+    @model_validator(mode="after")
+    def _check_positive(self):
+        if self.low <= 0:
+            raise FieldError("low", f"expected > 0 for a loguniform (log-scale) distribution (got {self.low})")
+        return self
+
+    @property
+    def distribution(self) -> od.FloatDistribution:
+        return od.FloatDistribution(self.low, self.high, log=True)
+
+
+class Int(_Range):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: StrictBool = False
+
+    @model_validator(mode="after")
+    def _check_grid(self):
+        if (self.high - self.low) % self.step:
+            raise FieldError("step", f"expected high - low ({self.high - self.low}) to be a multiple of the step {self.step}")
+        if self.log and (self.step != 1 or self.low < 1):
+            raise FieldError("log", "a log-scale int needs step 1 and low >= 1")
+        return self
+
+    @property
+    def distribution(self) -> od.IntDistribution:
+        return od.IntDistribution(self.low, self.high, log=self.log, step=self.step)
+
+
+class Choice(_Param):
+    type: Literal["choice"]
+    values: list[Scalar] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check_unique(self):
+        for i, value in enumerate(self.values):
+            if any(same(value, other) for other in self.values[:i]):
+                raise FieldError(f"values[{i}]", f"{value!r} is listed twice")
+        return self
+
+    @property
+    def distribution(self) -> od.CategoricalDistribution:
+        return od.CategoricalDistribution(self.values)
+
+
+Param = Annotated[Union[Uniform, LogUniform, Int, Choice], Field(discriminator="type")]
+PARAM = TypeAdapter(Param)
+
+
+def same(a: Any, b: Any) -> bool:
+    """Equality that keeps true apart from 1 and null apart from everything else."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if a is None or b is None:
+        return a is b
+    return a == b
+
+
+def suggest(trial, name: str, dist: od.BaseDistribution) -> Any:
+    """Ask an Optuna trial (or Ray's suggest captor around one) for a value of `dist`."""
+    if isinstance(dist, od.CategoricalDistribution):
+        return trial.suggest_categorical(name, list(dist.choices))
+    if isinstance(dist, od.IntDistribution):
+        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
+    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+
+
+def contains(dist: od.BaseDistribution, value: Any) -> bool:
+    """Whether `dist` can produce `value` (true is not 1; an int domain holds no 2.5)."""
+    if isinstance(dist, od.CategoricalDistribution):
+        return any(same(value, v) for v in dist.choices)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    if isinstance(dist, od.IntDistribution) and not isinstance(value, int):
+        return False
+    if not dist.low <= value <= dist.high:
+        return False
+    if dist.step is None:
+        return True
+    k = (value - dist.low) / dist.step
+    return abs(k - round(k)) < 1e-8
+
+
+# ----- searchers and schedulers: their fields are the libraries' own argument names ----------------
+
+class TPE(Strict):
+    type: Literal["tpe"]
+    seed: int | None = None
+    n_startup_trials: int | None = Field(None, ge=0)
+    multivariate: StrictBool | None = None
+    group: StrictBool | None = None
+    constant_liar: StrictBool | None = None
+
+    @model_validator(mode="after")
+    def _check_group(self):
+        if self.group and self.multivariate is False:
+            raise FieldError("group", "group needs multivariate TPE (multivariate: true)")
+        return self
+
+
+class Random(Strict):
+    type: Literal["random"]
+    seed: int | None = None
+
+
+class NSGA2(Strict):
+    type: Literal["nsga2"]
+    seed: int | None = None
+    population_size: int | None = Field(None, ge=2)
+
+
+Searcher = Annotated[Union[TPE, Random, NSGA2], Field(discriminator="type")]
+SEARCHER = TypeAdapter(Searcher)
+
+
+class ASHA(Strict):
+    type: Literal["asha"]
+    time_attr: Literal["step"] = "step"  # rungs count training steps
+    grace_period: int = Field(ge=1, description="the steps every trial trains before it can be stopped")
+    reduction_factor: float = Field(2, gt=1)
+    max_t: int | None = Field(None, ge=1)
+    brackets: int = Field(1, ge=1)
+
+
+class HyperBand(Strict):
+    type: Literal["hyperband"]
+    time_attr: Literal["step"] = "step"
+    max_t: int | None = Field(None, ge=1)
+    reduction_factor: float = Field(3, gt=1)
+
+
+class NoScheduler(Strict):
+    type: Literal["none"]
+
+
+Scheduler = Annotated[Union[ASHA, HyperBand, NoScheduler], Field(discriminator="type")]
+SCHEDULER = TypeAdapter(Scheduler)
+
+
+# ----- the file -------------------------------------------------------------------------------------
+
+class Base(Strict):
+    preset: str | None = None
+    config: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.preset is None) == (self.config is None):
+            raise FieldError("", "expected exactly one of preset: NAME or config: PATH (relative to this file)")
+        return self
+
+
+class Metric(Strict):
+    name: str
+    mode: Literal["min", "max"] | None = None
+
+
+class Budget(Strict):
+    """How many trials, how many at once, what each trial gets, how long each trains."""
+
+    num_samples: int = Field(ge=1, description="the number of trials (an integer >= 1)")
+    max_concurrent: int = Field(1, ge=1)
+    workers_per_trial: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(0, ge=0)
+    max_steps: int | None = Field(None, ge=1)  # default: the base config's run.max_steps
+    max_failures: int = Field(0, ge=0)
+    time_budget_s: float | None = Field(None, gt=0)
+
+    @property
+    def resources_per_worker(self) -> dict[str, float]:
+        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class SpaceFile(Strict):
+    """The top level of a space file; `params`, `searcher` and `scheduler` are validated one by one
+    (space.py), so that an error names the param and the kind of searcher or scheduler."""
+
+    description: str = ""
+    base: Base = Field(description="{preset: NAME} or {config: PATH}")
+    overrides: dict[str, Any] = {}
+    params: dict[str, dict[str, Any]] = Field(min_length=1, description="searched fields and their distributions")
+    metric: Any = Field(description="{name: fid, mode: min} or a list of such for multi-objective")  # read as Metric
+    searcher: dict[str, Any] = {}
+    scheduler: dict[str, Any] = {}
+    budget: Budget = Field(description="at least num_samples")
+    report_every: int | None = Field(None, ge=1)
+    seed: int = 0
+    points_to_evaluate: list[dict[str, Any]] | None = None
+
+
+TAGGED = {cls.model_fields["type"].annotation.__args__[0]: cls
+          for cls in (Uniform, LogUniform, Int, Choice, TPE, Random, NSGA2, ASHA, HyperBand, NoScheduler)}
+
+
+def _owner(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    """The model whose key `loc` names (None when it lies inside a plain mapping)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(part)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model
+
+
+def problem(err: ValidationError, noun: str = "type", tag: Any = None, model: type[BaseModel] | None = None,
+            ) -> tuple[str, str]:
+    """(dotted field, expectation) for the first error, worded for a person editing the YAML."""
+    e = err.errors()[0]
+    ctx = e.get("ctx") or {}
+    loc = [str(p) for p in e["loc"]]
+    if loc and loc[0] == tag:
+        loc = loc[1:]  # the union's tag (validated one item at a time) is not a key of the file
+    if isinstance(ctx.get("error"), FieldError):
+        field = ctx["error"].field
+        return ".".join(p for p in loc + [field] if p), str(ctx["error"])
+    kind, got = e["type"], e.get("input")
+    if kind in ("union_tag_invalid", "union_tag_not_found"):
+        expected = ctx.get("expected_tags", "").replace("'", "")
+        shown = f"unknown {noun} {ctx['tag']!r}" if kind == "union_tag_invalid" else "missing"
+        return ".".join(loc + ["type"]), f"{shown}, expected one of {expected}"
+    field = ".".join(loc) or "<root>"
+    owner = _owner(TAGGED.get(tag, model), loc) if (tag in TAGGED or model) else None
+    if kind == "extra_forbidden":
+        known = f", expected one of {', '.join(owner.model_fields)}" if owner else ""
+        return field, f"unknown key{known}"
+    if kind == "missing":
+        about = owner.model_fields[loc[-1]].description if owner else None
+        return field, f"missing; expected {about}" if about else "missing"
+    if kind == "literal_error":
+        return field, f"expected {ctx['expected'].replace(chr(39), '')} (got {got!r})"
+    if kind == "too_short":
+        return field, f"expected at least {ctx['min_length']} (got none)"
+    bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}.get(kind)
+    if bound:
+        limit = next(v for k, v in ctx.items() if k in ("ge", "gt", "le"))
+        return field, f"expected {bound} {limit} (got {got!r})"
+    if kind in ("int_type", "int_parsing", "int_from_float"):
+        return field, f"expected an integer (got {got!r})"
+    if kind in ("float_type", "float_parsing", "finite_number"):
+        return field, f"expected a number (got {got!r})"
+    if kind == "bool_type":
+        return field, f"expected true or false (got {got!r})"
+    if kind in ("dict_type", "model_type", "model_attributes_type"):
+        return field, f"expected a mapping (got {got!r})"
+    return field, f"{e['msg']} (got {got!r})"
+

@@ -1,0 +1,1 @@
+"""The shipped search spaces, installed as package data `lsep_tune.search_spaces` (see pyproject.toml)."""
