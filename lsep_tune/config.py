@@ -97,8 +97,10 @@ class EMAConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    mode: Literal["ode-euler", "ode-heun", "sde"] = "sde"
-    steps: int = Field(250, ge=1)
+    mode: Literal["ode-euler", "ode-heun", "sde", "ode-heun-full", "sde-uniform"] = Field(
+        "sde", description="'sde' and 'ode-heun' are the published samplers; '-full' / '-uniform' the earlier "
+        "variants (see lsep_tune/sampling.py)")
+    steps: int = Field(250, ge=1, description="'sde': grid points from 1 to 0.04, plus the last step to 0")
     cfg_scale: float = Field(1.0, ge=1.0)
     guidance_low: float = Field(0.0, ge=0.0, le=1.0, description="CFG only for t in [guidance_low, guidance_high]")
     guidance_high: float = Field(1.0, ge=0.0, le=1.0)
@@ -108,6 +110,8 @@ class SamplingConfig(StrictModel):
     def _interval(self) -> "SamplingConfig":
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
+        if self.mode == "sde" and self.steps < 2:
+            raise FieldError("sampling.steps", "the published SDE sampler needs at least 2 steps (its grid ends at 0.04)")
         return self
 
 

@@ -36,7 +36,8 @@ from lsep_tune.train.checkpoint import STATE_FILE
 
 EXIT_BAD_INPUT = 2
 EMA_FILE = "ema_final.pt"
-SAMPLERS = {"ode": "ode-heun", "sde": "sde", "ode-heun": "ode-heun", "ode-euler": "ode-euler"}
+SAMPLERS = {"ode": "ode-heun", "sde": "sde", "ode-heun": "ode-heun", "ode-euler": "ode-euler",
+            "ode-heun-full": "ode-heun-full", "sde-uniform": "sde-uniform"}
 # How API argument names read on the command line, so messages name what the user typed.
 _CLI_NAMES = {
     "checkpoint": "--checkpoint", "num": "--num", "sampler": "--sampler", "steps": "--steps",
@@ -204,7 +205,7 @@ def _settings(cfg: Config, sampler, steps, cfg_scale, guidance_interval) -> tupl
         if sampler not in SAMPLERS:
             raise SampleError("sampler", sampler, "expected 'ode' (Heun ODE) or 'sde' (Euler-Maruyama)")
         mode = SAMPLERS[sampler]
-    steps = s.steps if steps is None else _check_int("steps", steps, 1)
+    steps = s.steps if steps is None else _check_int("steps", steps, 2 if mode == "sde" else 1)
     if cfg_scale is None:
         cfg_scale = s.cfg_scale
     elif not (np.isfinite(cfg_scale) and cfg_scale >= 1.0):
