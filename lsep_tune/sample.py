@@ -5,7 +5,9 @@
         [--seed S] [--vae PATH] [--device D] [--address ADDR]
 
 PATH is ``ema_final.pt``, a checkpoint's ``state.pt`` or its folder; the model and the default
-sampler settings come from the config stored in the checkpoint. Sample i has label
+sampler settings come from the config stored in the checkpoint. ``--checkpoint-format
+lsep|sra|repa|sit`` reads a published checkpoint instead (see ``lsep_tune.published``), with
+``--model``, ``--input-size``, ``--in-channels`` and ``--num-classes`` where the file does not say. Sample i has label
 ``i % num_classes``. The N samples are cut into fixed chunks of ``--batch``; chunk c draws its
 initial and SDE noise from a generator seeded by (seed, c), so the file depends on the seed and
 the batch size but not on how many workers (Ray actors) drew the chunks. Latent models are decoded
@@ -43,7 +45,7 @@ _CLI_NAMES = {
     "checkpoint": "--checkpoint", "num": "--num", "sampler": "--sampler", "steps": "--steps",
     "cfg_scale": "--cfg-scale", "guidance_interval": "--guidance-interval", "workers": "--workers",
     "batch": "--batch", "seed": "--seed", "vae": "--vae", "device": "--device", "address": "--address",
-    "out": "--out",
+    "out": "--out", "checkpoint_format": "--checkpoint-format",
 }
 
 
@@ -105,9 +107,12 @@ def _check_weights(cfg: Config, state: dict[str, torch.Tensor], source: str) -> 
         raise SampleError(source, "ema", f"weights do not fit {m.name} from the stored config: " + ", ".join(problems))
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Read the EMA weights and config of ema_final.pt / state.pt (weights_only=True)."""
+def load_checkpoint(path: str | Path, fmt: str = "lsep_tune", model: dict | None = None) -> Checkpoint:
+    """Read the EMA weights and config of ema_final.pt / state.pt (weights_only=True), or convert a
+    published checkpoint (`fmt` lsep|sra|repa|sit; `model` fills in the architecture it does not say)."""
     file = resolve_checkpoint_path(path)
+    if fmt != "lsep_tune":
+        return _published_checkpoint(file, fmt, model)
     try:
         blob = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many kinds for a truncated or foreign file
@@ -123,6 +128,23 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     _check_weights(cfg, state, str(file))
     step = blob.get("step")
     return Checkpoint(cfg, state, int(step) if isinstance(step, int) else None, str(file))
+
+
+def _published_checkpoint(file: Path, fmt: str, model: dict | None) -> Checkpoint:
+    """A published file has no lsep_tune config: the model's defaults are the papers' sampling settings."""
+    from lsep_tune import published
+    from lsep_tune.data import digits
+
+    try:
+        conv = published.load(file, fmt, model)
+    except published.PublishedError as err:
+        raise SampleError(err.source, err.field, err.expectation) from None
+    m = {"name": "SiT-XL/2", **conv.model}
+    shape = (m.get("input_size", 32), m.get("in_channels", 4), m.get("num_classes", 1000))
+    # The papers release latent models; a model of the embedded digits' shape samples as pixels.
+    pixels = shape == (digits.IMAGE_SIZE, digits.CHANNELS, digits.NUM_CLASSES)
+    cfg = validate({"model": m, **({"data": {"kind": "digits"}} if pixels else {})}, source=f"{file} ({fmt} layout)")
+    return Checkpoint(cfg, conv.sit, conv.step, str(file))
 
 
 # --------------------------------------------------------------------------- the plan
@@ -323,6 +345,8 @@ def generate_samples(
     device: str | None = None,
     address: str | None = None,
     progress: bool = False,
+    checkpoint_format: str = "lsep_tune",
+    model: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 NHWC images, int64 labels) of `num` class-balanced samples from the EMA weights.
 
@@ -337,7 +361,7 @@ def generate_samples(
     batch = _check_int("batch", batch, 1)
     seed = _check_int("seed", seed, 0)
     workers = _check_int("workers", workers, 0)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, checkpoint_format, model)
     cfg = ckpt.config
     mode, n_steps, scale, interval = _settings(cfg, sampler, steps, cfg_scale, guidance_interval)
 
@@ -412,9 +436,16 @@ class _OneLineParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _OneLineParser(prog="python -m lsep_tune.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, or a checkpoint folder")
+    p.add_argument("--checkpoint-format", default="lsep_tune", choices=("lsep_tune", "lsep", "sra", "repa", "sit"),
+                   help="layout of --checkpoint: lsep_tune's own, or a published one (converted on load)")
+    p.add_argument("--model", help="published formats: model name when the file does not say (default SiT-XL/2)")
+    p.add_argument("--input-size", type=int, help="published formats: latent side when the file does not say (32)")
+    p.add_argument("--in-channels", type=int, help="published formats: input channels (default 4)")
+    p.add_argument("--num-classes", type=int, help="published formats: classes when the file does not say (1000)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--sampler", choices=("ode", "sde"), help="ode = Heun, sde = Euler-Maruyama (default: checkpoint config)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ode = Heun, sde = Euler-Maruyama, as published "
+                   "(ode-heun-full, sde-uniform: the earlier variants; default: checkpoint config)")
     p.add_argument("--steps", type=int, help="sampling steps (default: checkpoint config)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: checkpoint config)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
@@ -439,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
             args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
             guidance_interval=args.guidance_interval, batch=args.batch, seed=args.seed, workers=args.workers,
             vae=args.vae, device=args.device, address=args.address, progress=True,
+            checkpoint_format=args.checkpoint_format,
+            model={"name": args.model, "input_size": args.input_size, "in_channels": args.in_channels,
+                   "num_classes": args.num_classes},
         )
     except SampleError as err:
         source = _CLI_NAMES.get(err.source, err.source)
