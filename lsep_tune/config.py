@@ -94,6 +94,9 @@ class OptimConfig(StrictModel):
 class EMAConfig(StrictModel):
     decay: float = Field(0.9999, ge=0.0, le=1.0)
     warmup: bool = Field(False, description="timm's EMA warm-up (decay ramps up early in training)")
+    first_update: Literal["decay", "copy"] = Field(
+        "decay", description="'decay': the EMA starts at the initial weights and every update, the first "
+        "included, uses the decay (published); 'copy': timm's default, the first update copies the weights")
 
 
 class SamplingConfig(StrictModel):
@@ -129,6 +132,10 @@ class RunConfig(StrictModel):
                                     "the paper table); 0 = none")
     eval_reference: str = Field("digits", description="'digits', an ADM reference npz, an image folder or a stats file")
     eval_extractor_weights: str | None = Field(None, description="local feature-extractor weights (offline Inception)")
+    init_from: str | None = Field(None, description="checkpoint whose weights start the run (fine-tuning); "
+                                  "the EMA starts from them too")
+    init_format: Literal["lsep_tune", "lsep", "sra", "repa", "sit"] = Field(
+        "lsep_tune", description="layout of init_from: lsep_tune's own or a published one (lsep_tune.published)")
     fail_at_step: int | None = Field(None, ge=1, description="failure drill: the chosen rank exits at this step, once")
     fail_rank: int = Field(0, ge=0)
 
