@@ -336,3 +336,12 @@ def test_ema_first_update_decays_from_the_initial_weights():
     copying.update(model, step=ema_step(1, "copy"))
     torch.testing.assert_close(published.module.weight, 0.9999 * init["weight"] + 0.0001 * model.weight)
     torch.testing.assert_close(copying.module.weight, model.weight)
+
+
+def test_sra_smooth_l1_preset_is_the_published_recipe():
+    from lsep_tune.config import load_config
+
+    sra = load_config(preset="imagenet256-sit-xl2-sra-sml1").objective.sra
+    assert (sra.block_out_s, sra.block_out_t, sra.loss_type, sra.smooth_l1_beta, sra.weight) == (8, 20, "sml1", 0.05, 0.2)
+    assert (sra.weight_schedule, sra.decay_start_epoch, sra.decay_period_epochs) == ("epoch_decay", 149, 1000)
+    assert load_config(preset="imagenet256-sit-xl2").objective.sra.block_out_t == 20
