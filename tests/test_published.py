@@ -167,3 +167,32 @@ def test_sample_cli_reads_a_published_checkpoint(tmp_path):
     assert bad.returncode == 2
     # Without --model the default SiT-XL/2 is assumed, whose grid the file's pos_embed does not fit.
     assert len(bad.stderr.strip().splitlines()) == 1 and "pos_embed" in bad.stderr and "SiT-XL/2" in bad.stderr
+
+
+def test_training_starts_from_a_published_checkpoint(tmp_path):
+    from lsep_tune.config import load_config
+    from lsep_tune.train.checkpoint import load_state
+    from lsep_tune.train.context import LocalContext
+    from lsep_tune.train.loop import train_loop
+
+    torch.manual_seed(3)
+    sit = create_model("SiT-Tiny/2", input_size=8, in_channels=1, num_classes=10)
+    with torch.no_grad():
+        for p in sit.parameters():
+            p.normal_(0, 0.2)
+    state = {**sit.state_dict(), "pos_embed": sit.pos_embed.clone(),
+             "classifier.0.weight": torch.rand(64) + 0.5, "classifier.0.bias": torch.randn(64),
+             "classifier.1.weight": torch.randn(10, 64), "classifier.1.bias": torch.randn(10)}
+    args = argparse.Namespace(model="SiT-Tiny/2", resolution=64, num_classes=10)
+    torch.save({"model": state, "ema": state, "args": args, "steps": 400000}, tmp_path / "lsep.pt")
+    cfg = load_config(preset="digits", overrides=[
+        "model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2", "data.batch_size=8", "run.max_steps=1",
+        "run.ckpt_every=1", "sampling.steps=2", "sampling.grid_images=10", "optim.lr=1e-12",
+        "objective.lsep.probe_lr=1e-12", f"run.init_from={tmp_path / 'lsep.pt'}", "run.init_format=lsep"])
+    train_loop(cfg, LocalContext(tmp_path / "run", keep_checkpoints=1, device="cpu"))
+    ema = torch.load(tmp_path / "run" / "ema_final.pt", weights_only=True)["ema"]
+    for name, value in sit.state_dict().items():
+        torch.testing.assert_close(ema[name], value, atol=1e-5, rtol=0)  # the EMA starts from them too
+    model = load_state(tmp_path / "run" / "checkpoints" / "step_00000001")["model"]
+    torch.testing.assert_close(model["regularizers.lsep.probe.1.weight"], state["classifier.1.weight"])
+    torch.testing.assert_close(model["sit.blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
