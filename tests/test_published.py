@@ -196,3 +196,16 @@ def test_training_starts_from_a_published_checkpoint(tmp_path):
     model = load_state(tmp_path / "run" / "checkpoints" / "step_00000001")["model"]
     torch.testing.assert_close(model["regularizers.lsep.probe.1.weight"], state["classifier.1.weight"])
     torch.testing.assert_close(model["sit.blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+
+
+def test_train_cli_refuses_an_init_file_that_does_not_fit_before_starting(tmp_path, capsys):
+    from lsep_tune.train.__main__ import main
+
+    state = published_state(random_sit(), "sra")  # SiT-Tiny/2 with 3 channels: not the digits model
+    torch.save({"ema": state}, tmp_path / "sra.pt")
+    out = tmp_path / "run"
+    code = main(["--preset", "digits", "--output", str(out), "--set", f"run.init_from={tmp_path / 'sra.pt'}",
+                 "--set", "run.init_format=sra"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: run.init_from: sra: keys do not fit")
+    assert not out.exists()

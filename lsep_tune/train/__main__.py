@@ -67,6 +67,13 @@ def prepare(args: argparse.Namespace):
     from lsep_tune import tracking
 
     cfg, output = resolve(args)
+    if cfg.run.init_from:  # a file that does not fit fails here, not on the workers
+        from lsep_tune import published
+
+        try:
+            published.load(cfg.run.init_from, cfg.run.init_format, cfg.model.model_dump(), source="run.init_from")
+        except published.PublishedError as err:
+            raise ConfigError(str(err)) from None
     require_writable_dir(output, "--output")
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
