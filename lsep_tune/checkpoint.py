@@ -156,10 +156,27 @@ def check_weights(cfg: Config, state: dict[str, torch.Tensor], source: str) -> N
                                         + ", ".join(problems))
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """The EMA weights and validated config of ``ema_final.pt`` / ``state.pt`` / a checkpoint folder."""
+def load_checkpoint(path: str | Path, fmt: str = "lsep_tune", model: dict | None = None) -> Checkpoint:
+    """The EMA weights and validated config of ``ema_final.pt`` / ``state.pt`` / a checkpoint folder,
+    or of a published checkpoint (`fmt` lsep|sra|repa|sit; `model` fills in what the file does not say)."""
     file = resolve_checkpoint_path(path)
+    if fmt != "lsep_tune":
+        return _published_checkpoint(file, fmt, model)
     config, state, step = read_sit_checkpoint(file)
     cfg = validate(config, source=f"{file} config")
     check_weights(cfg, state, str(file))
     return Checkpoint(cfg, state, step, str(file))
+
+
+def _published_checkpoint(file: Path, fmt: str, model: dict | None) -> Checkpoint:
+    """A published file has no lsep_tune config: the model's defaults are the papers' sampling settings."""
+    from lsep_tune import published
+    from lsep_tune.data import digits
+
+    conv = published.load(file, fmt, model)
+    m = {"name": "SiT-XL/2", **conv.model}
+    shape = (m.get("input_size", 32), m.get("in_channels", 4), m.get("num_classes", 1000))
+    # The papers release latent models; a model of the embedded digits' shape samples as pixels.
+    pixels = shape == (digits.IMAGE_SIZE, digits.CHANNELS, digits.NUM_CLASSES)
+    cfg = validate({"model": m, **({"data": {"kind": "digits"}} if pixels else {})}, source=f"{file} ({fmt} layout)")
+    return Checkpoint(cfg, conv.sit, conv.step, str(file))

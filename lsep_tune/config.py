@@ -91,11 +91,16 @@ class OptimConfig(StrictModel):
 class EMAConfig(StrictModel):
     decay: float = Field(0.9999, ge=0.0, le=1.0)
     warmup: bool = Field(False, description="timm's EMA warm-up (decay ramps up early in training)")
+    first_update: Literal["decay", "copy"] = Field(
+        "decay", description="'decay': the EMA starts at the initial weights and every update, the first "
+        "included, uses the decay (published); 'copy': timm's default, the first update copies the weights")
 
 
 class SamplingConfig(StrictModel):
-    mode: Literal["ode-euler", "ode-heun", "sde"] = "sde"
-    steps: int = Field(250, ge=1)
+    mode: Literal["ode-euler", "ode-heun", "sde", "ode-heun-full", "sde-uniform"] = Field(
+        "sde", description="'sde' and 'ode-heun' are the published samplers; '-full' / '-uniform' the earlier "
+        "variants (see lsep_tune/sample/solvers.py)")
+    steps: int = Field(250, ge=1, description="'sde': grid points from 1 to 0.04, plus the last step to 0")
     cfg_scale: float = Field(1.0, ge=1.0)
     guidance_low: float = Field(0.0, ge=0.0, le=1.0, description="CFG only for t in [guidance_low, guidance_high]")
     guidance_high: float = Field(1.0, ge=0.0, le=1.0)
@@ -105,6 +110,8 @@ class SamplingConfig(StrictModel):
     def _interval(self) -> "SamplingConfig":
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
+        if self.mode == "sde" and self.steps < 2:
+            raise FieldError("sampling.steps", "the published SDE sampler needs at least 2 steps (its grid ends at 0.04)")
         return self
 
 
@@ -122,6 +129,10 @@ class RunConfig(StrictModel):
                                     "the paper table); 0 = none")
     eval_reference: str = Field("digits", description="'digits', an ADM reference npz, an image folder or a stats file")
     eval_extractor_weights: str | None = Field(None, description="local feature-extractor weights (offline Inception)")
+    init_from: str | None = Field(None, description="checkpoint whose weights start the run (fine-tuning); "
+                                  "the EMA starts from them too")
+    init_format: Literal["lsep_tune", "lsep", "sra", "repa", "sit"] = Field(
+        "lsep_tune", description="layout of init_from: lsep_tune's own or a published one (lsep_tune.published)")
     fail_at_step: int | None = Field(None, ge=1, description="failure drill: the chosen rank exits at this step, once")
     fail_rank: int = Field(0, ge=0)
 

@@ -17,12 +17,3 @@ class FieldError(ValueError):
         super().__init__(message)
         self.field = field
 
-
-class InputError(ValueError):
-    """Bad user input as one line, ``<source>: <field>: <expectation>``: the CLI prints it and exits 2."""
-
-    def __init__(self, source: str, field: str, expectation: str):
-        self.source = str(source)
-        self.field = str(field)
-        self.expectation = " ".join(str(expectation).split())  # keep it on one line
-        super().__init__(f"{self.source}: {self.field}: {self.expectation}")

@@ -247,3 +247,101 @@ def test_draws_do_not_depend_on_the_worker_split():
     torch.testing.assert_close(torch.cat([a.rand(), b.rand()]), full_t)
     torch.testing.assert_close(torch.cat([a.randn(2), b.randn(2)]), full_n)
     assert whole.randint_shared(0, 100) == a.randint_shared(0, 100) == b.randint_shared(0, 100)
+
+
+# ------------------------------------------------------------------ published schedules and initialisation
+
+def test_sra_epoch_decay_gives_the_published_weights():
+    from lsep_tune.objectives.sra import SRA, SRAConfig
+
+    # The published 256 px recipe: 0.2 through epoch 149, then 0.2 * 0.1^((epoch - 149) / 1000).
+    cfg = SRAConfig(enabled=True, loss_type="sml1", weight=0.2, weight_schedule="epoch_decay")
+    sra = SRA(cfg, 16, 10, 4)
+    steps_per_epoch = 1281167 // 256  # ImageNet at global batch 256: 5004
+    for epoch, expected in [(0, 0.2), (149, 0.2), (150, 0.2 * 0.1 ** 0.001), (649, 0.2 * 0.1 ** 0.5),
+                            (1149, 0.02)]:
+        sra.set_step(epoch * steps_per_epoch, steps_per_epoch)
+        assert sra.weight() == pytest.approx(expected, rel=1e-12)
+    sra.set_step(150 * steps_per_epoch - 1, steps_per_epoch)  # still epoch 149
+    assert sra.weight() == 0.2
+    constant = SRA(SRAConfig(enabled=True, weight=0.5), 16, 10, 4)
+    constant.set_step(10**7, steps_per_epoch)
+    assert constant.weight() == 0.5
+
+
+def test_sra_scheduled_weight_scales_the_loss(digits_cfg):
+    from lsep_tune.objectives.sra import SRA, SRAConfig
+
+    cfg = SRAConfig(enabled=True, block_out_s=1, block_out_t=2, weight=0.2, weight_schedule="epoch_decay",
+                    decay_start_epoch=0, decay_period_epochs=1.0)
+    torch.manual_seed(0)
+    obj = build_objective(digits_cfg)
+    sra = SRA(cfg, obj.sit.hidden_size, 10, obj.sit.grid_size)
+    x, y = torch.randn(4, 1, 8, 8), torch.arange(4)
+    batch = make_flow_batch(x, y, draws(4), "linear", "uniform", 0.1, obj.sit.null_class)
+    _, feats = obj.sit(batch.x_t, batch.t, batch.y_model, return_depths=(1,))
+    sra.set_step(0, 10)
+    at_0 = sra(obj.sit, batch, feats, draws(4), obj.sit)
+    sra.set_step(20, 10)  # epoch 2: two periods past the start -> 1/100
+    at_2 = sra(obj.sit, batch, feats, draws(4), obj.sit)
+    torch.testing.assert_close(at_2.loss, at_0.loss * 0.01)
+
+
+def test_lsep_class_loss_decay_is_off_by_default_and_published_when_on(digits_cfg):
+    from lsep_tune.objectives.lsep import LSEPConfig
+
+    off = LSEP(LSEPConfig(enabled=True, encoder_depth=1), 16, 10, 4)
+    off.set_step(10**8, 5004)
+    assert off.decay() == 1.0
+    # The published intent, in steps at 5004 steps per epoch: from epoch 100, 10x down every 800 epochs.
+    on = LSEP(LSEPConfig(enabled=True, encoder_depth=1, decay_start_step=100 * 5004, decay_period=800 * 5004),
+              16, 10, 4)
+    for epoch, expected in [(50, 1.0), (100, 1.0), (500, 0.1 ** 0.5), (900, 0.1), (1700, 0.01)]:
+        on.set_step(epoch * 5004, 5004)
+        assert on.decay() == pytest.approx(expected, rel=1e-12)
+
+
+def test_heads_start_xavier_with_zero_biases_unless_asked_otherwise():
+    from lsep_tune.objectives.lsep import LSEPConfig
+    from lsep_tune.objectives.sra import SRA, SRAConfig
+
+    torch.manual_seed(0)
+    d, classes = 256, 1000
+    probe = LSEP(LSEPConfig(enabled=True), d, classes, 4).probe[1]
+    head = SRA(SRAConfig(enabled=True), d, classes, 4).head
+    bound = math.sqrt(6 / (d + classes))  # xavier-uniform bound of the probe's Linear
+    assert probe.weight.abs().max() <= bound and probe.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(probe.bias) == 0
+    for lin in (head.fc1, head.fc2):
+        fan_in, fan_out = lin.weight.shape[1], lin.weight.shape[0]
+        assert lin.weight.abs().max() > 0.9 * math.sqrt(6 / (fan_in + fan_out))
+        assert torch.count_nonzero(lin.bias) == 0
+    # nn.Linear's own init: kaiming-uniform weights (bound 1/sqrt(fan_in)), non-zero biases.
+    torch_probe = LSEP(LSEPConfig(enabled=True, probe_init="torch"), d, classes, 4).probe[1]
+    assert torch.count_nonzero(torch_probe.bias) > 0
+    assert torch_probe.weight.abs().max() <= 1 / math.sqrt(d)
+
+
+def test_ema_first_update_decays_from_the_initial_weights():
+    from timm.utils import ModelEmaV3
+
+    from lsep_tune.train.loop import ema_step
+
+    model = torch.nn.Linear(3, 3)
+    init = copy.deepcopy(model.state_dict())
+    published, copying = ModelEmaV3(model, decay=0.9999), ModelEmaV3(model, decay=0.9999)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    published.update(model, step=ema_step(1, "decay"))
+    copying.update(model, step=ema_step(1, "copy"))
+    torch.testing.assert_close(published.module.weight, 0.9999 * init["weight"] + 0.0001 * model.weight)
+    torch.testing.assert_close(copying.module.weight, model.weight)
+
+
+def test_sra_smooth_l1_preset_is_the_published_recipe():
+    from lsep_tune.config import load_config
+
+    sra = load_config(preset="imagenet256-sit-xl2-sra-sml1").objective.sra
+    assert (sra.block_out_s, sra.block_out_t, sra.loss_type, sra.smooth_l1_beta, sra.weight) == (8, 20, "sml1", 0.05, 0.2)
+    assert (sra.weight_schedule, sra.decay_start_epoch, sra.decay_period_epochs) == ("epoch_decay", 149, 1000)
+    assert load_config(preset="imagenet256-sit-xl2").objective.sra.block_out_t == 20

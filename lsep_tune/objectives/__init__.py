@@ -55,6 +55,11 @@ class TrainObjective(nn.Module):
         metrics["loss"] = total.detach()
         return total, metrics
 
+    def set_step(self, step: int, steps_per_epoch: int) -> None:
+        """Tell the regularizers the optimizer step, for their weight schedules."""
+        for reg in self.regularizers.values():
+            reg.set_step(step, steps_per_epoch)
+
     def param_groups(self, weight_decay: float) -> list[dict]:
         """Backbone parameters with the main settings, then each regularizer's own groups."""
         groups = [{"params": [p for p in self.sit.parameters() if p.requires_grad], "weight_decay": weight_decay}]

@@ -36,6 +36,9 @@ class Regularizer(nn.Module):
     # search spaces read them here, so a new regularizer's metrics are searchable without touching search/.
     metrics: ClassVar[dict[str, str | None]] = {}
     feature_depths: tuple[int, ...] = ()
+    # Where training stands, for weight schedules; the loop sets them through TrainObjective.set_step.
+    step: int = 0
+    steps_per_epoch: int = 1
 
     def forward(
         self,
@@ -46,6 +49,10 @@ class Regularizer(nn.Module):
         teacher: nn.Module | None,
     ) -> RegularizerOutput:
         raise NotImplementedError
+
+    def set_step(self, step: int, steps_per_epoch: int) -> None:
+        """Called once per optimizer step before its forward passes (`step` counts from 0)."""
+        self.step, self.steps_per_epoch = step, max(1, steps_per_epoch)
 
     def param_groups(self) -> list[dict]:
         """Optimizer groups for this regularizer's own parameters; by default the main settings."""

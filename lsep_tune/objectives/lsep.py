@@ -31,6 +31,12 @@ class LSEPConfig(RegularizerConfig):
     n_weights: int = Field(10, ge=1, description="number of equal t bins ('steps')")
     probe_lr: float = Field(1e-4, gt=0.0)
     probe_weight_decay: float = Field(0.0, ge=0.0)
+    decay_start_step: int | None = Field(
+        None, ge=0, description="after this step the loss is scaled by 0.1^((step - start) / decay_period); "
+        "null = off. The published script intends this from epoch 100 over 800 epochs but never applies it")
+    decay_period: int = Field(4_003_200, ge=1, description="steps per 10x decay (800 epochs of 1.28M / 256)")
+    probe_init: Literal["xavier", "torch"] = Field(
+        "xavier", description="'xavier': xavier-uniform Linear weight, zero bias (published); 'torch': nn.Linear's own")
 
     def check(self, depth: int, grid: int) -> None:
         if self.encoder_depth > depth:
@@ -62,6 +68,16 @@ class LSEP(Regularizer):
         self.cfg = cfg
         self.grid_size = grid_size
         self.probe = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, num_classes))
+        if cfg.probe_init == "xavier":
+            nn.init.xavier_uniform_(self.probe[1].weight)
+            nn.init.zeros_(self.probe[1].bias)
+
+    def decay(self) -> float:
+        """1 until decay_start_step, then 10x smaller every decay_period steps."""
+        start = self.cfg.decay_start_step
+        if start is None or self.step <= start:
+            return 1.0
+        return 0.1 ** ((self.step - start) / self.cfg.decay_period)
 
     def pool(self, tokens: torch.Tensor, draws) -> torch.Tensor:
         """Mean over a random crop of the token grid: one window size per batch, a position per sample."""
@@ -83,6 +99,7 @@ class LSEP(Regularizer):
             loss = self.cfg.weight * ce.mean()
         else:
             loss = (step_weights(batch.t, self.cfg.weight_start, self.cfg.weight_end, self.cfg.n_weights) * ce).mean()
+        loss = self.decay() * loss
         acc = (logits.argmax(-1) == batch.y).float().mean()
         return RegularizerOutput(loss, {"lsep_ce": ce.mean().detach(), "probe_acc": acc.detach()})
 

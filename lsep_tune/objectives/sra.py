@@ -29,8 +29,15 @@ class SRAConfig(RegularizerConfig):
         "which is what the published code's dim=1 call on (N, T, D) computes",
     )
     smooth_l1_beta: float = Field(0.05, gt=0.0)
-    weight: float = Field(0.5, ge=0.0)
+    weight: float = Field(0.5, ge=0.0, description="the loss weight (before decay_start_epoch when decaying)")
+    weight_schedule: Literal["constant", "epoch_decay"] = Field(
+        "constant", description="'epoch_decay': weight * 0.1^((epoch - decay_start_epoch) / decay_period_epochs) "
+        "after decay_start_epoch, the published non-cosine runs (epoch = step // steps per epoch)")
+    decay_start_epoch: int = Field(149, ge=0, description="published: 149 at 256 px, 99 at 512 px")
+    decay_period_epochs: float = Field(1000.0, gt=0.0, description="published: 1000 at 256 px, 800 at 512 px")
     head_mult: int = Field(2, ge=1, description="student head: hidden -> head_mult*hidden -> hidden")
+    head_init: Literal["xavier", "torch"] = Field(
+        "xavier", description="'xavier': xavier-uniform weights, zero biases (published); 'torch': nn.Linear's own")
 
     def check(self, depth: int, grid: int) -> None:
         for name in ("block_out_s", "block_out_t"):
@@ -52,6 +59,20 @@ def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: SRAConfig)
     return F.mse_loss(s, t)
 
 
+def decayed_weight(weight: float, epoch: int, start: int, period: float) -> float:
+    """The published SRA schedule: constant up to `start`, then down by 10x every `period` epochs."""
+    return weight if epoch <= start else weight * 0.1 ** ((epoch - start) / period)
+
+
+def xavier_init(module: nn.Module) -> None:
+    """The published heads' initialisation: xavier-uniform Linear weights, zero biases."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class SRA(Regularizer):
     Config = SRAConfig
     metrics = {"sra_loss": "min"}
@@ -61,6 +82,14 @@ class SRA(Regularizer):
         self.cfg = cfg
         self.feature_depths = (cfg.block_out_s,)
         self.head = Mlp(hidden_size, cfg.head_mult * hidden_size, hidden_size, act_layer=nn.SiLU)
+        if cfg.head_init == "xavier":
+            xavier_init(self.head)
+
+    def weight(self) -> float:
+        c = self.cfg
+        if c.weight_schedule == "constant":
+            return c.weight
+        return decayed_weight(c.weight, self.step // self.steps_per_epoch, c.decay_start_epoch, c.decay_period_epochs)
 
     def teacher_time(self, t: torch.Tensor, draws) -> torch.Tensor:
         return (t - self.cfg.t_max * draws.rand()).clamp(0.0, 1.0)
@@ -74,4 +103,4 @@ class SRA(Regularizer):
         with torch.no_grad():
             _, feats = teacher(batch.noised(t_teacher), t_teacher, batch.y_model, return_depths=(depth,), stop_at=depth)
         raw = alignment_loss(student, feats[depth].detach(), self.cfg)
-        return RegularizerOutput(self.cfg.weight * raw, {"sra_loss": raw.detach()})
+        return RegularizerOutput(self.weight() * raw, {"sra_loss": raw.detach()})

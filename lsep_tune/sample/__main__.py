@@ -5,7 +5,9 @@
         [--seed S] [--vae PATH] [--device D] [--address ADDR]
 
 PATH is ``ema_final.pt``, a checkpoint's ``state.pt`` or its folder; the model and the default
-sampler settings come from the config stored in the checkpoint. Sample i has label
+sampler settings come from the config stored in the checkpoint. ``--checkpoint-format
+lsep|sra|repa|sit`` reads a published checkpoint instead (see ``lsep_tune.published``), with
+``--model``, ``--input-size``, ``--in-channels`` and ``--num-classes`` where the file does not say. Sample i has label
 ``i % num_classes``. The N samples are cut into fixed chunks of ``--batch``; chunk c draws its
 initial and SDE noise from a generator seeded by (seed, c), so the file depends on the seed and
 the batch size but not on how many workers (Ray actors) drew the chunks, and with the default
@@ -20,21 +22,28 @@ import sys
 
 from lsep_tune.checkpoint import EMA_FILE, STATE_FILE
 from lsep_tune.errors import OneLineParser, run_cli
-from lsep_tune.sample.batch import check_out, generate_samples, write_npz
+from lsep_tune.sample.batch import SAMPLERS, check_out, generate_samples, write_npz
 from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED
 
 # The arguments of generate_samples as this command line spells them.
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "checkpoint", "num", "out", "sampler", "steps", "cfg_scale", "guidance_interval", "workers", "batch", "seed",
-    "vae", "device", "address")}
+    "vae", "device", "address", "checkpoint_format")}
 
 
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m lsep_tune.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, or a checkpoint folder")
+    p.add_argument("--checkpoint-format", default="lsep_tune", choices=("lsep_tune", "lsep", "sra", "repa", "sit"),
+                   help="layout of --checkpoint: lsep_tune's own, or a published one (converted on load)")
+    p.add_argument("--model", help="published formats: model name when the file does not say (default SiT-XL/2)")
+    p.add_argument("--input-size", type=int, help="published formats: latent side when the file does not say (32)")
+    p.add_argument("--in-channels", type=int, help="published formats: input channels (default 4)")
+    p.add_argument("--num-classes", type=int, help="published formats: classes when the file does not say (1000)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--sampler", choices=("ode", "sde"), help="ode = Heun, sde = Euler-Maruyama (default: checkpoint config)")
+    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ode = Heun, sde = Euler-Maruyama, as published "
+                   "(ode-heun-full, sde-uniform: the earlier variants; default: checkpoint config)")
     p.add_argument("--steps", type=int, help="sampling steps (default: checkpoint config)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: checkpoint config)")
     p.add_argument("--guidance-interval", type=float, nargs=2, metavar=("LO", "HI"),
@@ -55,6 +64,9 @@ def _sample(argv: list[str] | None) -> int:
         args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         guidance_interval=args.guidance_interval, batch=args.batch, seed=args.seed, workers=args.workers,
         vae=args.vae, device=args.device, address=args.address, progress=True,
+        checkpoint_format=args.checkpoint_format,
+        model={"name": args.model, "input_size": args.input_size, "in_channels": args.in_channels,
+               "num_classes": args.num_classes},
     )
     write_npz(out, images, labels)
     n, h, w, c = images.shape

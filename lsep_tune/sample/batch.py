@@ -30,7 +30,8 @@ from lsep_tune.sample.generate import (
     to_images,
 )
 
-SAMPLERS = {"ode": "ode-heun", "sde": "sde", "ode-heun": "ode-heun", "ode-euler": "ode-euler"}
+SAMPLERS = {"ode": "ode-heun", "sde": "sde", "ode-heun": "ode-heun", "ode-euler": "ode-euler",
+            "ode-heun-full": "ode-heun-full", "sde-uniform": "sde-uniform"}
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def _settings(cfg: Config, sampler, steps, cfg_scale, guidance_interval) -> Solv
         if sampler not in SAMPLERS:
             raise InputError("sampler", sampler, "expected 'ode' (Heun ODE) or 'sde' (Euler-Maruyama)")
         mode = SAMPLERS[sampler]
-    steps = s.steps if steps is None else _check_int("steps", steps, 1)
+    steps = s.steps if steps is None else _check_int("steps", steps, 2 if mode == "sde" else 1)
     if cfg_scale is None:
         cfg_scale = s.cfg_scale
     elif not (np.isfinite(cfg_scale) and cfg_scale >= 1.0):
@@ -183,6 +184,8 @@ def generate_samples(
     device: str | None = None,
     address: str | None = None,
     progress: bool = False,
+    checkpoint_format: str = "lsep_tune",
+    model: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(uint8 NHWC images, int64 labels) of `num` class-balanced samples from the EMA weights.
 
@@ -196,7 +199,7 @@ def generate_samples(
     batch = _check_int("batch", batch, 1)
     seed = _check_int("seed", seed, 0)
     workers = _check_int("workers", workers, 0)
-    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
+    ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint, checkpoint_format, model)
     settings = _settings(ckpt.config, sampler, steps, cfg_scale, guidance_interval)
     vae_payload = _vae_payload(ckpt.config, vae)
     chunks = chunk_bounds(num, batch)

@@ -3,6 +3,21 @@
 Time runs from t = 1 (noise) to t = 0 (data). Classifier-free guidance mixes the conditional and
 the null-class velocity only while t lies inside the guidance interval [low, high]; outside it
 the conditional velocity is used alone.
+
+The default modes follow the samplers published with REPA, LSEP and SRA, so that an FID computed
+here is the number their tables report:
+
+- ``sde``: a grid of ``steps`` times from 1 down to 0.04, Euler-Maruyama between them with diffusion
+  2t, then one noise-free step from 0.04 to 0 whose drift keeps the noise term, landing on
+  x0_hat - 0.04 * eps_hat rather than on x0_hat.
+- ``ode-heun``: ``steps`` uniform steps; the last is a plain Euler step (no corrector at t = 0), and
+  whether guidance applies to a step's two evaluations is decided by the step's starting time.
+- ``ode-euler``: ``steps`` uniform Euler steps.
+
+Two earlier variants stay under explicit names, for comparison with runs made before:
+``sde-uniform`` (``steps`` uniform steps to t = 0, diffusion 2 sigma_t, a last step with the
+velocity alone) and ``ode-heun-full`` (the corrector on every step, guidance decided by the time
+of each evaluation).
 """
 from __future__ import annotations
 
@@ -15,14 +30,22 @@ from lsep_tune.objectives.flow import interpolant
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t (N,), y (N,)) -> v
 
+MODES = ("ode-euler", "ode-heun", "sde", "ode-heun-full", "sde-uniform")
+SDE_LAST_STEP = 0.04  # the published SDE grid ends here; the remaining step is noise-free
+
+
+def in_interval(t: float, interval: tuple[float, float]) -> bool:
+    return interval[0] <= t <= interval[1]
+
 
 def guided_velocity(
     model: VelocityFn, x: torch.Tensor, t: float, y: torch.Tensor, cfg_scale: float,
-    interval: tuple[float, float], null_class: int,
+    interval: tuple[float, float], null_class: int, guide_at: float | None = None,
 ) -> torch.Tensor:
+    """The velocity at time t, guided when `guide_at` (t by default) lies inside `interval`."""
     n = x.shape[0]
     t_vec = torch.full((n,), t, device=x.device, dtype=x.dtype)
-    if cfg_scale == 1.0 or not (interval[0] <= t <= interval[1]):
+    if cfg_scale == 1.0 or not in_interval(t if guide_at is None else guide_at, interval):
         return model(x, t_vec, y)
     v = model(torch.cat([x, x]), torch.cat([t_vec, t_vec]), torch.cat([y, torch.full_like(y, null_class)]))
     v_cond, v_uncond = v.chunk(2)
@@ -33,6 +56,21 @@ def _eps_from_velocity(x: torch.Tensor, v: torch.Tensor, t: float, path_type: st
     """The noise estimate implied by v on the path: solve x = a x0 + s eps, v = a' x0 + s' eps."""
     a, s, da, ds = interpolant(torch.tensor(t, dtype=torch.float64), path_type)
     return (a * v - da * x) / float(a * ds - da * s)
+
+
+def sde_drift(x: torch.Tensor, v: torch.Tensor, t: float, diffusion: float, path_type: str) -> torch.Tensor:
+    """Reverse-time drift v - g^2/2 * score, with score = -eps_hat / sigma_t."""
+    _, sigma, _, _ = interpolant(torch.tensor(t, dtype=torch.float64), path_type)
+    return v + (0.5 * diffusion / float(sigma)) * _eps_from_velocity(x, v, t, path_type)
+
+
+def time_grid(mode: str, steps: int) -> list[float]:
+    """The times a sampler visits, from 1 to 0 (steps + 1 of them)."""
+    if mode == "sde":
+        if steps < 2:
+            raise ValueError("the published SDE grid needs steps >= 2 (it ends with a step from 0.04 to 0)")
+        return torch.linspace(1.0, SDE_LAST_STEP, steps, dtype=torch.float64).tolist() + [0.0]
+    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
 
 
 @torch.no_grad()
@@ -49,27 +87,37 @@ def sample(
     path_type: str = "linear",
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Integrate from `noise` at t = 1 to data at t = 0 in `steps` uniform steps."""
-    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+    """Integrate from `noise` at t = 1 to data at t = 0 in `steps` steps (see the module doc)."""
+    if mode not in MODES:
+        raise ValueError(f"unknown sampling mode {mode!r}")
+    ts = time_grid(mode, steps)
     x = noise
-    v_fn = lambda x_, t_: guided_velocity(model, x_, t_, y, cfg_scale, guidance_interval, null_class)  # noqa: E731
+
+    def v_fn(x_: torch.Tensor, t_: float, guide_at: float | None = None) -> torch.Tensor:
+        return guided_velocity(model, x_, t_, y, cfg_scale, guidance_interval, null_class, guide_at)
+
     for i in range(steps):
         t_cur, t_next = ts[i], ts[i + 1]
         h = t_cur - t_next
+        last = i == steps - 1
         v = v_fn(x, t_cur)
-        if mode == "ode-euler":
+        if mode == "ode-euler" or (mode == "ode-heun" and last):
             x = x - h * v
-        elif mode == "ode-heun":
+        elif mode in ("ode-heun", "ode-heun-full"):
+            guide_at = t_cur if mode == "ode-heun" else None
             x_pred = x - h * v
-            x = x - 0.5 * h * (v + v_fn(x_pred, t_next))
-        elif mode == "sde":
-            if i == steps - 1:
-                x = x - h * v  # the last step is the mean (ODE) step: the output carries no fresh noise
-            else:
-                # Reverse SDE with diffusion g^2 = 2 sigma_t: drift v - g^2/2 * score = v + eps_hat.
-                _, sigma, _, _ = interpolant(torch.tensor(t_cur, dtype=torch.float64), path_type)
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-                x = x - h * (v + _eps_from_velocity(x, v, t_cur, path_type)) + math.sqrt(2 * float(sigma) * h) * z
+            x = x - 0.5 * h * (v + v_fn(x_pred, t_next, guide_at))
         else:
-            raise ValueError(f"unknown sampling mode {mode!r}")
+            # Published: diffusion g^2 = 2t, the last step is the drift alone (noise term included).
+            # sde-uniform: g^2 = 2 sigma_t, the last step follows the velocity alone.
+            published = mode == "sde"
+            _, sigma, _, _ = interpolant(torch.tensor(t_cur, dtype=torch.float64), path_type)
+            diffusion = 2 * t_cur if published else 2 * float(sigma)
+            if last and not published:
+                x = x - h * v
+            elif last:
+                x = x - h * sde_drift(x, v, t_cur, diffusion, path_type)
+            else:
+                z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+                x = x - h * sde_drift(x, v, t_cur, diffusion, path_type) + math.sqrt(diffusion * h) * z
     return x

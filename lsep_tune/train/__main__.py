@@ -79,6 +79,10 @@ def prepare(args: argparse.Namespace):
 
     cfg, source, output = resolve(args)
     check_available(cfg.data, source)
+    if cfg.run.init_from:  # a file that does not fit fails here, not on the workers
+        from lsep_tune import published
+
+        published.load(cfg.run.init_from, cfg.run.init_format, cfg.model.model_dump(), source="run.init_from")
     require_writable_dir(output, "output")
     if args.workers < 0:
         raise InputError("--workers", args.workers, "expected 0 (in-process) or more")

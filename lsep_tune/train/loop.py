@@ -40,6 +40,26 @@ def build_objective(cfg: Config) -> TrainObjective:
     return TrainObjective(sit_from_config(cfg.model), cfg.objective)
 
 
+def load_initial_weights(cfg: Config, objective: TrainObjective) -> None:
+    """run.init_from: the backbone, and the regularizer heads the file has under a known name."""
+    from lsep_tune import published
+
+    conv = published.load(cfg.run.init_from, cfg.run.init_format, cfg.model.model_dump(), source="run.init_from")
+    objective.sit.load_state_dict(conv.sit)
+    own = objective.state_dict()
+    heads = {k: v for k, v in conv.heads.items() if k in own and own[k].shape == v.shape}
+    objective.load_state_dict(heads, strict=False)
+
+
+def ema_step(done: int, first_update: str) -> int:
+    """The step timm's EMA is told: at 1 it copies the weights, from 2 on it uses the decay.
+
+    'decay' shifts by one so that the first update already decays from the initial weights, as the
+    published scripts do (their EMA is a copy of the model before training).
+    """
+    return done + 1 if first_update == "decay" else done
+
+
 def build_optimizer(cfg: Config, objective: TrainObjective) -> torch.optim.Optimizer:
     o = cfg.optim
     return torch.optim.AdamW(objective.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
@@ -93,7 +113,10 @@ def train_loop(cfg: Config, ctx) -> dict:
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
 
-    objective = build_objective(cfg).to(device)
+    objective = build_objective(cfg)
+    if cfg.run.init_from:
+        load_initial_weights(cfg, objective)  # before the EMA copies the weights
+    objective = objective.to(device)
     ema = ModelEmaV3(objective, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
     ema.requires_grad_(False)
     optimizer = build_optimizer(cfg, objective)
@@ -113,7 +136,9 @@ def train_loop(cfg: Config, ctx) -> dict:
 
     accum = cfg.optim.grad_accum_steps
     local_batch = cfg.data.batch_size
-    batches = StepBatches(load_dataset(cfg.data), cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
+    dataset = load_dataset(cfg.data)
+    batches = StepBatches(dataset, cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
+    steps_per_epoch = max(1, len(dataset) // (local_batch * ctx.world_size * accum))  # for epoch-based schedules
     is_main = ctx.rank == 0
     out = Path(ctx.output_dir)
     if is_main:
@@ -136,6 +161,7 @@ def train_loop(cfg: Config, ctx) -> dict:
         _maybe_fail(cfg, ctx, step)
         model.train()
         optimizer.zero_grad(set_to_none=True)
+        objective.set_step(step, steps_per_epoch)
         step_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             x, y = batches.batch(step, micro)
@@ -162,7 +188,7 @@ def train_loop(cfg: Config, ctx) -> dict:
                 f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step + 1}", step + 1)
         scaler.step(optimizer)
         scaler.update()
-        ema.update(objective, step=step + 1)
+        ema.update(objective, step=ema_step(step + 1, cfg.ema.first_update))
 
         done = step + 1
         bar.update(1)
