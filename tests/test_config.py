@@ -18,6 +18,7 @@ def test_presets_load_with_paper_defaults():
     assert (xl.optim.lr, xl.optim.betas, xl.optim.grad_clip, xl.ema.decay) == (1e-4, (0.9, 0.999), 1.0, 0.9999)
     assert xl.objective.flow.class_dropout_prob == 0.1
     assert xl.data.batch_size * 8 == 256  # per worker: 8 workers give the papers' global batch
+    # SRA pairs XL blocks 8 -> 20 (the issue "Numbers comparable with the papers"; was 4 -> 8).
     assert xl.objective.sra.block_out_s == 8 and xl.objective.sra.block_out_t == 20 and xl.objective.sra.t_max == 0.2
     assert load_config(preset="imagenet256-sit-b2").objective.lsep.probe_lr == 3e-2
 
