@@ -89,3 +89,44 @@ def test_multiplicity_can_turn_a_marginal_win_into_noise():
 def test_spearman():
     assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
     assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+
+
+# ----- the evaluation's own uncertainty -----------------------------------------------------------
+
+def test_fid_bootstrap_std_matches_the_spread_over_fresh_samples(tmp_path):
+    """The bootstrap spread of one set's FID should be about the spread of FID over disjoint sets."""
+    import numpy as np
+
+    from lsep_tune.data.digits import load_digits_split, to_uint8
+    from lsep_tune.evaluation import compute_metrics
+
+    images = to_uint8(load_digits_split("train")[0])
+    size = 250
+    sets = [images[i * size:(i + 1) * size] for i in range(len(images) // size)]
+    outs = [compute_metrics(s, "digits", "fid", cache_dir=str(tmp_path), fid_bootstraps=20) for s in sets]
+    between = float(np.std([o["fid"] for o in outs], ddof=1))
+    within = float(np.mean([o["fid_std"] for o in outs]))
+    assert all(o["fid_std"] > 0 for o in outs)
+    print("fid spread: bootstrap", within, "between sets", between)
+    assert 0.33 * between < within < 3.0 * between, (within, between)
+    again = compute_metrics(sets[0], "digits", "fid", cache_dir=str(tmp_path), fid_bootstraps=20)
+    assert again == outs[0]  # fixed resampling seed: the same features give the same spread
+    assert "fid_std" not in compute_metrics(sets[0], "digits", "fid", cache_dir=str(tmp_path))
+
+
+def test_in_training_evaluation_uses_common_random_numbers(digits_cfg):
+    """Two runs with different training seeds are scored on the same sampler noise and labels,
+    so the same weights give the same numbers; the report carries the FID's uncertainty."""
+    import torch
+
+    from lsep_tune.train.loop import build_objective
+    from lsep_tune.train.samples import evaluate_samples
+
+    cfg = digits_cfg.model_copy(update={"sampling": digits_cfg.sampling.model_copy(update={"steps": 2})})
+    torch.manual_seed(0)
+    sit = build_objective(cfg).sit
+    other = cfg.model_copy(update={"run": cfg.run.model_copy(update={"seed": 7})})
+    a = evaluate_samples(sit, cfg, torch.device("cpu"), n=120)
+    b = evaluate_samples(sit, other, torch.device("cpu"), n=120)
+    assert set(a) == {"fid", "fid_std", "isc_mean", "isc_std"}
+    assert a == b and a["fid_std"] > 0

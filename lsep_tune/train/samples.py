@@ -57,8 +57,14 @@ def decode_to_uint8(x: torch.Tensor, cfg) -> np.ndarray:
 
 @torch.no_grad()
 def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = 12345, chunk: int = 250) -> dict[str, float]:
-    """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference."""
+    """FID (with its bootstrap spread `fid_std`) and IS of n (default cfg.run.eval_samples) EMA samples.
+
+    Common random numbers: the sampler noise comes from `seed` (not the run's training seed) and
+    the labels are fixed, so every trial, rung and seed of a search is scored on the same draws and
+    a difference between two evaluations is the models', not the evaluation's.
+    """
     from lsep_tune.evaluation import compute_metrics
+    from lsep_tune.evaluation.uncertainty import FID_BOOTSTRAPS
 
     n = n or cfg.run.eval_samples
     parts = []
@@ -69,5 +75,5 @@ def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = 12345, 
     images = np.concatenate(parts)
     out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
                           extractor_weights=cfg.run.eval_extractor_weights,
-                          cuda=device.type == "cuda")
-    return {k: out[k] for k in ("fid", "isc_mean") if k in out}
+                          cuda=device.type == "cuda", fid_bootstraps=FID_BOOTSTRAPS)
+    return {k: out[k] for k in ("fid", "fid_std", "isc_mean", "isc_std") if k in out}
