@@ -74,8 +74,9 @@ def paired_difference(candidate: Sequence[float], baseline: Sequence[float],
     std = float(d.std(ddof=1))
     if std == 0.0:  # identical differences on every seed: the interval is that one value
         return PairedDifference(n, mean, 0.0, mean, mean, confidence, 1.0 if mean == 0.0 else 0.0)
-    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
-    p = float(sps.ttest_1samp(d, 0.0).pvalue)
+    sem = std / math.sqrt(n)
+    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sem
+    p = float(2 * sps.t.sf(abs(mean) / sem, n - 1))
     return PairedDifference(n, mean, std, mean - half, mean + half, confidence, p)
 
 
