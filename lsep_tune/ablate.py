@@ -199,7 +199,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
     output = output.resolve()
     seeds = list(range(spec.seed, spec.seed + spec.seeds))
     parent = tracking.create_run(
-        mlflow_uri, {f"ablation.{k}": v for k, v in flatten(spec.model_dump()).items()},
+        mlflow_uri, {metric_key(f"ablation.{k}"): v for k, v in flatten(spec.model_dump()).items()},
         {"lsep_tune.kind": "ablation", "lsep_tune.role": "ablation", "output": str(output)},
         run_name=f"ablation-{name}", artifact_location=tracking.artifact_location_for(mlflow_uri, output))
     paths = SearchPaths(output, mlflow_uri, parent)

@@ -103,6 +103,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"best {summary['metric']}: {shown} (trial {summary['best_trial']})")
         for key, value in sorted(summary["best_params"].items()):
             print(f"  {key} = {value}")
+        if summary.get("confirmation"):
+            print(f"confirmation: {summary['confirmation']['verdict']}")
         print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")
     else:
         print("no trial finished with a metric")

@@ -73,7 +73,7 @@ class ConfirmConfig(StrictModel):
         except ValidationError as err:
             first = err.errors()[0]
             where = f"confirm.{first['loc'][0]}" if first["loc"] else "confirm"
-            raise ConfigError(f"{source}: {where}: {first['msg']}") from None
+            raise ConfigError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 # ----- the engine: named configurations x seeds as Tune trials ----------------------------------

@@ -280,6 +280,11 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     rows = trial_table(results, space)
 
     best = best_trial(rows, space)
+    confirmation = None
+    if best and getattr(space, "confirm", None):  # the top trials again on fresh seeds, against a baseline
+        from lsep_tune.search.confirm import confirm_search
+
+        confirmation = confirm_search(space, rows, paths, space.confirm)
     summary = {
         "space": space.source,
         "num_samples": space.budget.num_samples,
@@ -299,8 +304,10 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     }
     if not single:
         summary["pareto_front"] = pareto_front(paths)
-    if best:
-        best_cfg = space.trial_config(best["params"])
+    if confirmation:
+        summary["confirmation"] = confirmation
+    if best:  # best.yaml: the confirmed winner when there was a confirmation
+        best_cfg = space.trial_config(confirmation["winner_params"] if confirmation else best["params"])
         dump_config(best_cfg, output / "best.yaml")
         summary["best_config"] = best_cfg.to_dict()
         summary["best_yaml"] = str(output / "best.yaml")

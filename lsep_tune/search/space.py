@@ -25,7 +25,7 @@ SPACES_DIR = Path(lsep_tune.__file__).resolve().parents[1] / "search_spaces"
 
 TOP_LEVEL_KEYS = (
     "description", "base", "overrides", "params", "metric", "searcher", "scheduler", "budget",
-    "report_every", "seed", "points_to_evaluate",
+    "report_every", "seed", "points_to_evaluate", "confirm",
 )
 DISTRIBUTION_KEYS = {
     "uniform": ("low", "high", "step"),
@@ -291,6 +291,7 @@ class SearchSpace:
         self.scheduler_spec = self._read_scheduler(r, data.get("scheduler"))
         self._check_evaluation(r)
         self.points_to_evaluate = self._read_points(r, data.get("points_to_evaluate"))
+        self.confirm = self._read_confirm(data.get("confirm"))
 
     # ----- public API ------------------------------------------------------------------------
 
@@ -376,6 +377,7 @@ class SearchSpace:
             "report_every": self.report_every,
             "seed": self.seed,
             "points_to_evaluate": copy.deepcopy(self.points_to_evaluate),
+            **({"confirm": self.confirm.model_dump()} if self.confirm else {}),
         }
 
     def with_overrides(self, num_samples: int | None = None, max_concurrent: int | None = None) -> "SearchSpace":
@@ -402,6 +404,9 @@ class SearchSpace:
         data["report_every"] = report
         data["budget"].update(num_samples=3, max_concurrent=2, max_steps=steps, time_budget_s=None)
         data["points_to_evaluate"] = data["points_to_evaluate"][:3]
+        if "confirm" in data:  # the whole path, confirmation included, at its smallest
+            seeds = data["confirm"]["seeds"]
+            data["confirm"].update(top_k=1, seeds=2 if isinstance(seeds, int) else seeds[:2])
         overrides = data["overrides"]
         unit = report
         eval_every = self._base_flat.get("run.eval_every") or 0
@@ -749,6 +754,23 @@ class SearchSpace:
                 r.fail("scheduler.grace_period", f"the rung at step {milestone:g} is decided at step {seen_at}, "
                        f"where {self.metric_names[0]} is stale (run.eval_every {every}): "
                        "make rungs multiples of run.eval_every")
+
+    def _read_confirm(self, raw: Any):
+        """`confirm:` (lsep_tune.search.confirm.ConfirmConfig); a given baseline must be a valid point."""
+        from lsep_tune.search.confirm import ConfirmConfig
+
+        try:
+            spec = ConfirmConfig.parse(raw, self.source)
+        except ConfigError as err:
+            raise SpaceError(str(err)) from None
+        if spec is not None and isinstance(spec.baseline, dict):
+            try:
+                spec.baseline = self._read_points(_Reader(self.source), [spec.baseline])[0]
+            except SpaceError as err:
+                raise SpaceError(str(err).replace("points_to_evaluate[0]", "confirm.baseline", 1)) from None
+        if spec is not None and isinstance(spec.seeds, list) and self.seed in spec.seeds:
+            _fail(self.source, "confirm.seeds", f"{self.seed} is the search's seed; expected seeds the search never used")
+        return spec
 
     def _read_points(self, r: _Reader, raw: Any) -> list[dict[str, Any]]:
         """Known-good points, completed: a searched param a point leaves out takes the base value."""
