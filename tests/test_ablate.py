@@ -1,12 +1,17 @@
 """`python -m lsep_tune.ablate`: arms x seeds on a real local Ray, tables, chart and MLflow runs."""
 import csv
 import math
+import os
 
 import pytest
 import yaml
 
 from lsep_tune.ablate import load_ablation, main, table_rows, write_tables
 from lsep_tune.config import ConfigError
+
+# On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
+# set before the module's local Ray starts, so its workers inherit it.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 TINY = {"model.name": "SiT-Tiny/2", "objective.lsep.encoder_depth": 2, "data.batch_size": 32,
         "sampling.steps": 2, "sampling.grid_images": 10, "run.max_steps": 20, "run.log_every": 10,

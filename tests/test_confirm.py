@@ -1,6 +1,7 @@
 """Confirmation on fresh seeds: real Ray Tune trials through the search's trial function, real MLflow."""
 import json
 import math
+import os
 
 import pytest
 import yaml
@@ -9,6 +10,10 @@ from lsep_tune.config import ConfigError
 from lsep_tune.search.confirm import ROLE_TAG, ConfirmConfig, confirm_search, top_configurations
 from lsep_tune.search.space import SearchSpace
 from lsep_tune.stats import NO_DIFFERENCE
+
+# On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
+# set before the module's local Ray starts, so its workers inherit it.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
 
 TINY = {
     "model.name": "SiT-Tiny/2", "objective.lsep.encoder_depth": 2, "data.batch_size": 32,
