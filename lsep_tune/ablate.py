@@ -178,7 +178,8 @@ def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], ou
         first = next(iter(by_arm))
         lines += [f"## {metric}", "", f"| arm | n | mean ± std | diff vs {first} | 95% CI |", "|---|---|---|---|---|"]
         for r in (r for r in rows if r["metric"] == metric):
-            ci = "" if not math.isfinite(r["diff"]) else f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]"
+            ci = "" if not math.isfinite(r["diff"]) else (
+                f"[{_fmt(r['ci_low'])}, {_fmt(r['ci_high'])}]" if math.isfinite(r["ci_low"]) else "(needs 2 paired seeds)")
             spread = f"{_fmt(r['mean'])} ± {_fmt(r['std'])}" if r["n"] else "(no value)"
             lines.append(f"| {r['arm']} | {r['n']} | {spread} | {_fmt(r['diff'])} | {ci} |")
         lines.append("")

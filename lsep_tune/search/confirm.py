@@ -147,7 +147,9 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
         param_space={"seed": tune.grid_search(list(seeds)), "arm": tune.grid_search([a.name for a in arms])},
         tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=resources.max_concurrent),
         run_config=tune.RunConfig(name=role, storage_path=str(paths.tune_root),
-                                  failure_config=tune.FailureConfig(max_failures=0)),
+                                  # once more after a lost worker (e.g. a node out of memory); it
+                                  # resumes from its checkpoint into the same MLflow run
+                                  failure_config=tune.FailureConfig(max_failures=1)),
     )
     out: dict[str, dict[int, dict]] = {a.name: {} for a in arms}
     for res in tuner.fit():
