@@ -151,8 +151,17 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
                                   # resumes from its checkpoint into the same MLflow run
                                   failure_config=tune.FailureConfig(max_failures=1)),
     )
+    try:
+        results = tuner.fit()
+    except Exception as err:  # noqa: BLE001 - Tune's own loop dies when a node runs out of memory
+        folder = str(paths.tune_root / role)
+        if not tune.Tuner.can_restore(folder):
+            raise
+        print(f"note: the {role} runs were interrupted ({type(err).__name__}); resuming the unfinished ones")
+        results = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True,
+                                     resume_errored=True).fit()
     out: dict[str, dict[int, dict]] = {a.name: {} for a in arms}
-    for res in tuner.fit():
+    for res in results:
         cfg = res.config or {}
         if "arm" not in cfg:
             continue
