@@ -23,6 +23,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from lsep_tune.errors import InputError
 from lsep_tune.evaluation.extractors import LoadedExtractor, check_extractor_name, check_images_fit, default_extractor
 from lsep_tune.evaluation.reference import Reference, check_image_array, reference_statistics, statistics_from_features
+from lsep_tune.evaluation.uncertainty import fid_bootstrap_std
 
 METRICS = ("fid", "isc", "kid", "prc")
 METRIC_KEYS = {
@@ -84,6 +85,7 @@ def compute_metrics(
     kid_subset_size: int | None = None,
     prc_neighborhood: int = PRC_NEIGHBORHOOD,
     seed: int = SEED,
+    fid_bootstraps: int = 0,
 ) -> dict[str, float]:
     """Metrics of ``samples`` (uint8 NHWC) against ``reference``.
 
@@ -91,6 +93,7 @@ def compute_metrics(
     statistics ``.npz`` (mu/sigma[/features]). Returns the keys of the requested metrics among
     fid, isc_mean, isc_std, kid_mean, kid_std, precision, recall. Bad input raises
     :class:`InputError` before any feature is extracted, where it can be known by then.
+    ``fid_bootstraps`` >= 2 adds ``fid_std``, the FID's spread over resampled sample features.
     ``samples_name`` names the samples in error messages (the CLI passes the file path).
     """
     wanted = parse_metrics(metrics)
@@ -155,6 +158,8 @@ def compute_metrics(
         mu, sigma = statistics_from_features(sample_features)
         ref_stats = {"mu": np.asarray(stats.mu, np.float64), "sigma": np.asarray(stats.sigma, np.float64)}
         out["fid"] = float(fid_statistics_to_metric({"mu": mu, "sigma": sigma}, ref_stats, False)[KEY_METRIC_FID])
+        if fid_bootstraps:
+            out["fid_std"] = fid_bootstrap_std(sample_features, ref_stats["mu"], ref_stats["sigma"], fid_bootstraps)
     if "isc" in wanted:
         isc = isc_features_to_metric(feats[ext.logits_layer], splits=isc_splits, shuffle=True, rng_seed=seed)
         out["isc_mean"], out["isc_std"] = float(isc[KEY_METRIC_ISC_MEAN]), float(isc[KEY_METRIC_ISC_STD])

@@ -255,6 +255,7 @@ def train_loop(cfg: Config, ctx) -> dict:
         "final_flow_loss": last_metrics.get("flow_loss"),
         "probe_acc": last_metrics.get("probe_acc"),
         "fid": last_metrics.get("fid"),
+        "fid_std": last_metrics.get("fid_std"),
         "final_eval": final_eval,
         "checkpoint": last_ckpt,
         "sample_grid": grid_path,

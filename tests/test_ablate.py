@@ -1,0 +1,110 @@
+"""`python -m lsep_tune.ablate`: arms x seeds on a real local Ray, tables, chart and MLflow runs."""
+import csv
+import math
+import os
+
+import pytest
+import yaml
+
+from lsep_tune.ablate import load_ablation, main, table_rows, write_tables
+from lsep_tune.config import ConfigError
+
+# On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
+# set before the module's local Ray starts, so its workers inherit it.
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
+
+TINY = {"model.name": "SiT-Tiny/2", "objective.lsep.encoder_depth": 2, "data.batch_size": 32,
+        "sampling.steps": 2, "sampling.grid_images": 10, "run.max_steps": 20, "run.log_every": 10,
+        "run.ckpt_every": 20, "run.eval_every": 0}
+
+
+def arms_file(path, **changes):
+    data = {"base": {"preset": "digits"}, "overrides": TINY,
+            "arms": {"none": {"objective.lsep.enabled": False}, "lsep": {}},
+            "metrics": ["flow_loss", "loss"], "seeds": 2,
+            "budget": {"max_concurrent": 2, "workers_per_trial": 1, "cpus_per_worker": 1}}
+    data.update(changes)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def test_tables_hold_one_row_per_metric_and_arm_and_every_seed(tmp_path):
+    values = {"fid": {"a": [10.0, 12.0, 11.0], "b": [8.0, 9.0, 9.5], "c": [10.0, math.nan, 12.0]},
+              "flow_loss": {"a": [0.5, 0.6, 0.55], "b": [0.5, 0.61, 0.56], "c": [0.4, 0.5, 0.45]}}
+    files = write_tables(values, [0, 1, 2], tmp_path, "test")
+    rows = list(csv.DictReader(open(files["table.csv"])))
+    assert len(rows) == 6 and [r["arm"] for r in rows[:3]] == ["a", "b", "c"]
+    assert [int(r["n"]) for r in rows] == [3, 3, 2, 3, 3, 3]  # a failed seed has no value
+    b = rows[1]
+    assert float(b["mean"]) == pytest.approx(8.8333, abs=1e-3) and float(b["diff"]) == pytest.approx(-2.1667, abs=1e-3)
+    # differences -2, -3, -1.5: sd 0.7638, half width 4.302653 * 0.7638 / sqrt(3) = 1.8974
+    assert float(b["ci_low"]) == pytest.approx(-4.064, abs=2e-3) and float(b["ci_high"]) == pytest.approx(-0.2694, abs=2e-4)
+    assert rows[0]["diff"] == ""  # the first arm is the reference
+    per_seed = list(csv.DictReader(open(files["values.csv"])))
+    assert len(per_seed) == 2 * 3 * 3 and {r["seed"] for r in per_seed} == {"0", "1", "2"}
+    md = files["table.md"].read_text()
+    assert md.count("\n| a |") == 2 and "## fid" in md and "## flow_loss" in md and "[-4.064, -0.2694]" in md
+    assert files["bars.png"].stat().st_size > 1000
+    assert table_rows(values)[2]["n"] == 2
+
+
+def test_the_shipped_arms_and_bad_files(tmp_path):
+    spec, arms, _ = load_ablation("digits")
+    assert [a.name for a in arms] == ["none", "lsep", "sra", "lsep+sra"] and spec.seeds == 3
+    assert [(a.config.objective.lsep.enabled, a.config.objective.sra.enabled) for a in arms] == [
+        (False, False), (True, False), (False, True), (True, True)]
+    assert load_ablation("digits", seeds=5, max_steps=7)[1][0].config.run.max_steps == 7
+    bad = {
+        "arms.lsep.optim.lrr": {"arms": {"none": {}, "lsep": {"optim.lrr": 1.0}}},
+        "arms": {"arms": {"only": {}}},
+        "metrics": {"metrics": ["fidd"]},
+        "seeds": {"seeds": 1},
+        "optim.lr": {"arms": {"none": {}, "neg": {"optim.lr": -1.0}}},
+    }
+    for field, change in bad.items():
+        path = arms_file(tmp_path / "bad.yaml", **change)
+        with pytest.raises(ConfigError) as err:
+            load_ablation(str(path))
+        assert f": {field}: " in str(err.value) and "\n" not in str(err.value), str(err.value)
+
+
+def test_cli_bad_input_exits_2_before_anything(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--arms", str(arms_file(tmp_path / "a.yaml", seeds=1)), "--output", str(out)]) == 2
+    assert main(["--arms", "nosuch", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ablation_trains_arms_x_seeds_and_writes_the_table(tmp_path, ray_local, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "abl"
+    assert main(["--arms", str(arms_file(tmp_path / "arms.yaml")), "--output", str(out),
+                 "--mlflow-uri", mlflow_server.uri]) == 0
+    rows = list(csv.DictReader(open(out / "table.csv")))
+    assert [(r["metric"], r["arm"], r["n"]) for r in rows] == [
+        ("flow_loss", "none", "2"), ("flow_loss", "lsep", "2"), ("loss", "none", "2"), ("loss", "lsep", "2")]
+    # LSEP adds its probe loss to the total: lsep's loss exceeds its flow loss, none's equals it.
+    per_seed = {(r["metric"], r["arm"], r["seed"]): float(r["value"]) for r in csv.DictReader(open(out / "values.csv"))}
+    assert len(per_seed) == 8
+    for seed in ("0", "1"):
+        assert per_seed[("loss", "lsep", seed)] > per_seed[("flow_loss", "lsep", seed)]
+        assert per_seed[("loss", "none", seed)] == pytest.approx(per_seed[("flow_loss", "none", seed)])
+    assert (out / "bars.png").stat().st_size > 1000 and "## flow_loss" in (out / "table.md").read_text()
+
+    import json
+
+    summary = json.loads((out / "summary.json").read_text())
+    client = MlflowClient(mlflow_server.uri)
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert len(children) == 4 and {c.data.tags["lsep_tune.role"] for c in children} == {"ablation"}
+    assert sorted((c.data.tags["lsep_tune.arm"], c.data.tags["lsep_tune.seed"]) for c in children) == [
+        ("lsep", "0"), ("lsep", "1"), ("none", "0"), ("none", "1")]
+    assert "ablation_lsep_flow_loss_ci_high" in parent.data.metrics and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} >= {
+        "ablation/table.md", "ablation/table.csv", "ablation/bars.png"}
