@@ -86,6 +86,7 @@ class OptimConfig(StrictModel):
     eps: float = Field(1e-8, gt=0.0)
     grad_clip: float = Field(1.0, ge=0.0, description="max grad norm; 0 disables clipping")
     grad_accum_steps: int = Field(1, ge=1)
+    fused: bool | None = Field(None, description="fused AdamW kernel; null = wherever the device has one (CUDA)")
 
 
 class EMAConfig(StrictModel):
@@ -119,6 +120,7 @@ class RunConfig(StrictModel):
     max_steps: int = Field(400_000, ge=1)
     seed: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    compile: bool = Field(False, description="torch.compile the backbone (minutes of compilation, faster steps)")
     log_every: int = Field(100, ge=1)
     ckpt_every: int = Field(10_000, ge=1)
     keep_checkpoints: int = Field(3, ge=1)

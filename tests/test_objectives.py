@@ -100,6 +100,7 @@ def test_step_weights_at_bin_edges():
 def test_lsep_probe_branch_drops_labels_at_uncond_prob(digits_cfg):
     cfg = digits_cfg.model_copy(deep=True)
     cfg.objective.flow.class_dropout_prob = 0.0
+    cfg.objective.lsep.reuse_main_pass = False  # the whole probe batch through the second pass, to see its labels
     objective = build_objective(cfg)
     seen = []
     original = objective.sit.forward

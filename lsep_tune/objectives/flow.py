@@ -55,6 +55,7 @@ class FlowBatch:
     x_t: torch.Tensor  # (N, C, H, W)
     target: torch.Tensor  # (N, C, H, W) velocity target
     path_type: str
+    dropped_host: torch.Tensor | None = None  # (N,) bool on the host: which labels y_model dropped
 
     def noised(self, t: torch.Tensor) -> torch.Tensor:
         """The same data and noise at other times t (N,): SRA's teacher input."""
@@ -68,11 +69,13 @@ def make_flow_batch(
 ) -> FlowBatch:
     t = sample_time(draws, time_sampling, path_type)
     noise = draws.randn(*x.shape[1:]).to(x.dtype)
-    drop = draws.rand() < class_dropout_prob
+    dropped_host = draws.rand_host() < class_dropout_prob
+    drop = draws.to_device(dropped_host)
     alpha, sigma, d_alpha, d_sigma = interpolant(t.view(-1, 1, 1, 1), path_type)
     return FlowBatch(
         x=x, y=y, y_model=drop_labels(y, drop, null_class), t=t, noise=noise,
         x_t=alpha * x + sigma * noise, target=d_alpha * x + d_sigma * noise, path_type=path_type,
+        dropped_host=dropped_host,
     )
 
 

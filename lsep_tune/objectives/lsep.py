@@ -37,6 +37,8 @@ class LSEPConfig(RegularizerConfig):
     decay_period: int = Field(4_003_200, ge=1, description="steps per 10x decay (800 epochs of 1.28M / 256)")
     probe_init: Literal["xavier", "torch"] = Field(
         "xavier", description="'xavier': xavier-uniform Linear weight, zero bias (published); 'torch': nn.Linear's own")
+    reuse_main_pass: bool = Field(True, description="take the main pass's block-k tokens for samples whose probe "
+                                  "label equals their main label (same input, t and label) instead of recomputing")
 
     def check(self, depth: int, grid: int) -> None:
         if self.encoder_depth > depth:
@@ -71,6 +73,8 @@ class LSEP(Regularizer):
         if cfg.probe_init == "xavier":
             nn.init.xavier_uniform_(self.probe[1].weight)
             nn.init.zeros_(self.probe[1].bias)
+        if cfg.reuse_main_pass:
+            self.feature_depths = (cfg.encoder_depth,)
 
     def decay(self) -> float:
         """1 until decay_start_step, then 10x smaller every decay_period steps."""
@@ -91,9 +95,9 @@ class LSEP(Regularizer):
 
     def forward(self, sit, batch, features, draws, teacher) -> RegularizerOutput:
         k = self.cfg.encoder_depth
-        y_probe = drop_labels(batch.y, draws.rand() < self.cfg.uncond_prob, sit.null_class)
-        _, feats = sit(batch.x_t, batch.t, y_probe, return_depths=(k,), stop_at=k)
-        logits = self.probe(self.pool(feats[k], draws))  # (N, num_classes)
+        probe_dropped = draws.rand_host() < self.cfg.uncond_prob
+        y_probe = drop_labels(batch.y, draws.to_device(probe_dropped), sit.null_class)
+        logits = self.probe(self.pool(self.probe_tokens(sit, batch, features, y_probe, probe_dropped), draws))
         ce = F.cross_entropy(logits.float(), batch.y, reduction="none")  # (N,)
         if self.cfg.weights_type == "constant":
             loss = self.cfg.weight * ce.mean()
@@ -102,6 +106,25 @@ class LSEP(Regularizer):
         loss = self.decay() * loss
         acc = (logits.argmax(-1) == batch.y).float().mean()
         return RegularizerOutput(loss, {"lsep_ce": ce.mean().detach(), "probe_acc": acc.detach()})
+
+    def probe_tokens(self, sit, batch, features, y_probe, probe_dropped) -> torch.Tensor:
+        """(N, T, D) block-k tokens of the probe pass.
+
+        Where a sample's probe label equals its main-pass label (both dropped or both kept), its
+        probe-pass tokens are the main pass's: same x_t, t and label through the same blocks. Only
+        the others run again. Which ones is decided from host-side draws, so no device sync.
+        """
+        k = self.cfg.encoder_depth
+        if not self.cfg.reuse_main_pass or k not in features or batch.dropped_host is None:
+            return sit(batch.x_t, batch.t, y_probe, return_depths=(k,), stop_at=k)[1][k]
+        differs = (probe_dropped != batch.dropped_host).nonzero().squeeze(1)
+        if len(differs) == 0:
+            return features[k]
+        if len(differs) == len(probe_dropped):
+            return sit(batch.x_t, batch.t, y_probe, return_depths=(k,), stop_at=k)[1][k]
+        idx = differs.to(batch.x_t.device, non_blocking=True)
+        _, feats = sit(batch.x_t[idx], batch.t[idx], y_probe[idx], return_depths=(k,), stop_at=k)
+        return features[k].index_copy(0, idx, feats[k].to(features[k].dtype))
 
     def param_groups(self) -> list[dict]:
         return [{"params": list(self.probe.parameters()), "lr": self.cfg.probe_lr,

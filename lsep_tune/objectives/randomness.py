@@ -28,11 +28,22 @@ class Draws:
         return cls(g, global_batch, offset, local_batch, torch.device(device))
 
     def _local(self, full: torch.Tensor) -> torch.Tensor:
-        return full[self.offset : self.offset + self.local_batch].to(self.device)
+        return self.to_device(full[self.offset : self.offset + self.local_batch])
+
+    def to_device(self, host: torch.Tensor) -> torch.Tensor:
+        """Draws are made on the host; on a GPU the copy goes through pinned memory without a sync."""
+        if self.device.type != "cuda":
+            return host.to(self.device)
+        return host.pin_memory().to(self.device, non_blocking=True)
 
     def rand(self, *shape: int) -> torch.Tensor:
         """U[0, 1) of shape (local_batch, *shape)."""
-        return self._local(torch.rand((self.global_batch, *shape), generator=self.generator))
+        return self.to_device(self.rand_host(*shape))
+
+    def rand_host(self, *shape: int) -> torch.Tensor:
+        """The same draw as `rand`, kept on the host: for decisions that must not wait for the device."""
+        full = torch.rand((self.global_batch, *shape), generator=self.generator)
+        return full[self.offset : self.offset + self.local_batch]
 
     def randn(self, *shape: int) -> torch.Tensor:
         return self._local(torch.randn((self.global_batch, *shape), generator=self.generator))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -60,9 +59,12 @@ def ema_step(done: int, first_update: str) -> int:
     return done + 1 if first_update == "decay" else done
 
 
-def build_optimizer(cfg: Config, objective: TrainObjective) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, objective: TrainObjective, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; its fused kernel (one launch for all parameters) wherever the device has one."""
     o = cfg.optim
-    return torch.optim.AdamW(objective.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps)
+    fused = o.fused if o.fused is not None else device.type == "cuda"
+    return torch.optim.AdamW(objective.param_groups(o.weight_decay), lr=o.lr, betas=o.betas, eps=o.eps,
+                             fused=fused or None)
 
 
 def autocast_for(precision: str, device: torch.device):
@@ -104,41 +106,152 @@ def parameter_digest(module: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
+class MetricWindow:
+    """Sums of the step metrics since the last log, kept on the device: no host sync per step.
+
+    A non-finite loss (or gradient norm without a loss scaler) is remembered with its step, so
+    `close` ends the run as diverged at the first logging boundary after it: at most one window
+    late, and before any checkpoint of the poisoned state is written.
+    """
+
+    def __init__(self, check_grad_norm: bool):
+        self.check_grad_norm = check_grad_norm
+        self.names: list[str] | None = None
+        self.sums: torch.Tensor | None = None
+        self.first_bad: torch.Tensor | None = None
+        self.steps = 0
+
+    def add(self, metrics: dict[str, torch.Tensor], step: int) -> None:
+        if self.names is None:
+            self.names = sorted(metrics)
+        values = torch.stack([metrics[k].detach().float().reshape(()) for k in self.names])
+        bad = ~torch.isfinite(values[self.names.index("loss")])
+        if self.check_grad_norm:
+            bad = bad | ~torch.isfinite(values[self.names.index("grad_norm")])
+        step_tensor = torch.full((), step, dtype=torch.float32, device=values.device)
+        if self.sums is None:
+            self.sums, self.first_bad = values, torch.where(bad, step_tensor, torch.zeros_like(step_tensor))
+        else:
+            self.sums = self.sums + values
+            self.first_bad = torch.where(bad & (self.first_bad == 0), step_tensor, self.first_bad)
+        self.steps += 1
+
+    def close(self, ctx) -> dict[str, float]:
+        """Window means, averaged over ranks (one all-reduce, one sync); raises on divergence."""
+        flag = (self.first_bad > 0).float().reshape(1)
+        reduced = ctx.all_reduce_mean(torch.cat([flag, self.sums / self.steps])).tolist()
+        names, first_bad = self.names, self.first_bad
+        self.names, self.sums, self.first_bad, self.steps = None, None, None, 0
+        if reduced[0] > 0:  # some rank saw a non-finite value: all ranks raise, at the earliest step
+            step = int(min(s for s in ctx.all_gather(int(first_bad.item())) if s > 0))
+            values = dict(zip(names, reduced[1:]))
+            raise TrainingDiverged(f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step "
+                                   f"{step}", step)
+        return dict(zip(names, reduced[1:]))
+
+
+class Training:
+    """Everything a run trains, and its one optimizer step: what `train_loop` repeats and what
+    `python -m lsep_tune.bench train` times, so the benchmark measures the real step."""
+
+    def __init__(self, cfg: Config, ctx, dataset=None):
+        self.cfg, self.ctx = cfg, ctx
+        device = self.device = ctx.device
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+
+        objective = build_objective(cfg)
+        if cfg.run.init_from:
+            load_initial_weights(cfg, objective)  # before the EMA copies the weights
+        self.objective = objective = objective.to(device)
+        self.ema = ModelEmaV3(objective, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+        self.ema.requires_grad_(False)
+        self.optimizer = build_optimizer(cfg, objective, device)
+        self.use_scaler = cfg.run.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.use_scaler)
+
+        self.start_step, self.earlier_cost = 0, 0.0
+        state = ctx.resume_state()
+        if state is not None:
+            objective.load_state_dict(state["model"])
+            self.ema.module.load_state_dict(state["ema"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.start_step = int(state["step"])
+            self.earlier_cost = float(state.get("train_cost", 0.0))
+        if cfg.run.compile:
+            # In place, so parameter names (checkpoints, EMA, DDP) stay those of the eager module.
+            objective.sit.compile()
+        self.model = ctx.prepare(objective)
+        self.teacher = self.ema.module.sit
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self.accum = cfg.optim.grad_accum_steps
+        self.local_batch = cfg.data.batch_size
+        data = dataset if dataset is not None else load_dataset(cfg.data)
+        self.batches = StepBatches(data, cfg.run.seed, self.local_batch, ctx.world_size, ctx.rank, self.accum)
+        # For epoch-based schedules (SRA's published decay): an epoch is one pass over the data.
+        self.steps_per_epoch = max(1, len(data) // (self.local_batch * ctx.world_size * self.accum))
+        self.pin = device.type == "cuda"
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        """Train step `step` (0-based); return its metrics as device tensors, without a host sync."""
+        cfg, ctx, device, accum = self.cfg, self.ctx, self.device, self.accum
+        model, optimizer, scaler = self.model, self.optimizer, self.scaler
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        self.objective.set_step(step, self.steps_per_epoch)
+        step_metrics: dict[str, torch.Tensor] = {}
+        for micro in range(accum):
+            x, y = self.batches.batch(step, micro)
+            if self.pin:  # pinned host memory: the copy is queued, the host does not wait for the device
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            draws = Draws.for_step(cfg.run.seed, step, self.local_batch * ctx.world_size * accum,
+                                   (micro * ctx.world_size + ctx.rank) * self.local_batch, self.local_batch, device)
+            sync = micro == accum - 1 or not hasattr(model, "no_sync")
+            with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(cfg.run.precision, device):
+                loss, metrics = model(x, y, draws, teacher=self.teacher)
+            scaler.scale(loss / accum).backward()
+            for k, v in metrics.items():
+                step_metrics[k] = step_metrics.get(k, 0.0) + v.float() / accum
+
+        scaler.unscale_(optimizer)
+        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        step_metrics["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.params, max_norm).detach().float()
+        scaler.step(optimizer)
+        scaler.update()
+        self.ema.update(self.objective, step=ema_step(step + 1, cfg.ema.first_update))
+        return step_metrics
+
+
+class StageClock:
+    """Wall seconds by stage (startup, train, eval, checkpoint, report): where a run or trial spends its time."""
+
+    STAGES = ("startup", "train", "eval", "checkpoint", "report")
+
+    def __init__(self):
+        self.seconds = dict.fromkeys(self.STAGES, 0.0)
+        self.mark = time.perf_counter()
+
+    def charge(self, stage: str) -> None:
+        """Add the time since the previous charge to `stage`."""
+        now = time.perf_counter()
+        self.seconds[stage] += now - self.mark
+        self.mark = now
+
+    def metrics(self) -> dict[str, float]:
+        return {f"time_{k}_s": round(v, 3) for k, v in self.seconds.items()}
+
+
 def train_loop(cfg: Config, ctx) -> dict:
     """Train `cfg` to cfg.run.max_steps; return the summary (also written by rank 0)."""
     started = time.time()
-    device = ctx.device
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-
-    objective = build_objective(cfg)
-    if cfg.run.init_from:
-        load_initial_weights(cfg, objective)  # before the EMA copies the weights
-    objective = objective.to(device)
-    ema = ModelEmaV3(objective, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
-    ema.requires_grad_(False)
-    optimizer = build_optimizer(cfg, objective)
-    use_scaler = cfg.run.precision == "fp16"
-    scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
-
-    start_step, earlier_cost = 0, 0.0
-    state = ctx.resume_state()
-    if state is not None:
-        objective.load_state_dict(state["model"])
-        ema.module.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        start_step = int(state["step"])
-        earlier_cost = float(state.get("train_cost", 0.0))
-    model = ctx.prepare(objective)
-
-    accum = cfg.optim.grad_accum_steps
-    local_batch = cfg.data.batch_size
-    dataset = load_dataset(cfg.data)
-    batches = StepBatches(dataset, cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
-    steps_per_epoch = max(1, len(dataset) // (local_batch * ctx.world_size * accum))  # for epoch-based schedules
+    clock = StageClock()
+    tr = Training(cfg, ctx)
+    device, start_step, optimizer = tr.device, tr.start_step, tr.optimizer
+    objective, ema, scaler, teacher = tr.objective, tr.ema, tr.scaler, tr.teacher
     is_main = ctx.rank == 0
     out = Path(ctx.output_dir)
     if is_main:
@@ -146,70 +259,44 @@ def train_loop(cfg: Config, ctx) -> dict:
         dump_config(cfg, out / "config.yaml")
         trim_metrics(out / "metrics.jsonl", start_step)
 
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    teacher = ema.module.sit
-    window: dict[str, float] = {}
-    window_steps = 0
+    window = MetricWindow(check_grad_norm=not tr.use_scaler)
     last_metrics: dict[str, float] = {}
     last_ckpt: str | None = None
     last_eval: dict[str, float] = {}
     grid_path: str | None = None
     bar = tqdm(total=cfg.run.max_steps, initial=start_step, disable=not (is_main and getattr(ctx, "progress", False)),
                desc="train", dynamic_ncols=True)
+    clock.charge("startup")
 
     for step in range(start_step, cfg.run.max_steps):
         _maybe_fail(cfg, ctx, step)
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        objective.set_step(step, steps_per_epoch)
-        step_metrics: dict[str, torch.Tensor] = {}
-        for micro in range(accum):
-            x, y = batches.batch(step, micro)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            draws = Draws.for_step(cfg.run.seed, step, local_batch * ctx.world_size * accum,
-                                   (micro * ctx.world_size + ctx.rank) * local_batch, local_batch, device)
-            sync = micro == accum - 1 or not hasattr(model, "no_sync")
-            with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(cfg.run.precision, device):
-                loss, metrics = model(x, y, draws, teacher=teacher)
-            scaler.scale(loss / accum).backward()
-            for k, v in metrics.items():
-                step_metrics[k] = step_metrics.get(k, 0.0) + v.float() / accum
-
-        scaler.unscale_(optimizer)
-        max_norm = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        step_metrics["grad_norm"] = grad_norm.detach().float()
-        # One small all-reduce per step: exact logged means, and every rank agrees on divergence.
-        names = sorted(step_metrics)
-        reduced = ctx.all_reduce_mean(torch.stack([step_metrics[k].to(device) for k in names])).tolist()
-        values = dict(zip(names, reduced))
-        if not math.isfinite(values["loss"]) or (not use_scaler and not math.isfinite(values["grad_norm"])):
-            raise TrainingDiverged(
-                f"non-finite loss {values['loss']} / grad norm {values['grad_norm']} at step {step + 1}", step + 1)
-        scaler.step(optimizer)
-        scaler.update()
-        ema.update(objective, step=ema_step(step + 1, cfg.ema.first_update))
+        window.add(tr.step(step), step + 1)
 
         done = step + 1
         bar.update(1)
-        for k, v in values.items():
-            window[k] = window.get(k, 0.0) + v
-        window_steps += 1
         want_sample = cfg.run.sample_every and done % cfg.run.sample_every == 0
+        want_ckpt = done % cfg.run.ckpt_every == 0 or done == cfg.run.max_steps
+        want_log = done % cfg.run.log_every == 0 or want_ckpt
+        if not (want_sample or want_log):
+            continue
+        if want_log:
+            # The one host sync of the window; divergence ends the run here, before anything
+            # (evaluation, checkpoint) is made from the state.
+            last_metrics = window.close(ctx)
+        clock.charge("train")
         if is_main and (want_sample or done == cfg.run.max_steps):
             grid_path = str(save_sample_grid(teacher, cfg, out / "samples" / f"grid_step_{done:08d}.png", device))
             ctx.log_artifact(grid_path, "samples")
-        want_ckpt = done % cfg.run.ckpt_every == 0 or done == cfg.run.max_steps
-        if done % cfg.run.log_every == 0 or want_ckpt:
-            last_metrics = {k: v / window_steps for k, v in window.items()}
+            clock.charge("eval")
+        if want_log:
             last_metrics["lr"] = optimizer.param_groups[0]["lr"]
             # Wall-clock seconds of training so far, restarts included: the cost side of a search.
-            last_metrics["train_cost"] = earlier_cost + time.time() - started
+            last_metrics["train_cost"] = tr.earlier_cost + time.time() - started
             every = cfg.run.eval_every
             if every and is_main and (done % every == 0 or done == cfg.run.max_steps):
                 last_eval = {**evaluate_samples(teacher, cfg, device), "eval_step": done}
+                clock.charge("eval")
             last_metrics.update(last_eval)  # carried forward, so every later report holds the metric
-            window, window_steps = {}, 0
             bar.set_postfix({k: f"{last_metrics[k]:.4g}" for k in ("loss", "probe_acc") if k in last_metrics})
             if is_main and bar.disable:
                 shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(last_metrics.items()))
@@ -226,9 +313,10 @@ def train_loop(cfg: Config, ctx) -> dict:
                     "world_size": ctx.world_size,
                     "train_cost": last_metrics["train_cost"],
                 }
-            folder = ctx.report(last_metrics, done, train_state)
+            folder = ctx.report({**last_metrics, **clock.metrics()}, done, train_state)
             if folder:
                 last_ckpt = folder
+            clock.charge("checkpoint" if want_ckpt else "report")
     bar.close()
 
     # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
@@ -238,18 +326,20 @@ def train_loop(cfg: Config, ctx) -> dict:
         ema_path = save_ema(out / "ema_final.pt", max(cfg.run.max_steps, start_step), ema.module.sit.state_dict(),
                             cfg.to_dict())
         ctx.log_artifact(ema_path, "checkpoints")
+    clock.charge("checkpoint")
 
     final_eval = None
     if is_main and cfg.run.final_eval_samples:
         final_eval = evaluate_samples(teacher, cfg, device, n=cfg.run.final_eval_samples)
         for cb in getattr(ctx, "callbacks", []):
             cb.log_metrics({f"final_{k}": v for k, v in final_eval.items()}, max(cfg.run.max_steps, start_step))
+        clock.charge("eval")
 
     summary = {
         "final_step": max(cfg.run.max_steps, start_step),
         "start_step": start_step,
         "world_size": ctx.world_size,
-        "global_batch": local_batch * ctx.world_size * accum,
+        "global_batch": tr.local_batch * ctx.world_size * tr.accum,
         "final_metrics": last_metrics,
         "final_loss": last_metrics.get("loss"),
         "final_flow_loss": last_metrics.get("flow_loss"),
@@ -263,6 +353,7 @@ def train_loop(cfg: Config, ctx) -> dict:
         "replica_digests": digests,
         "device": str(device),
         "wall_time_s": round(time.time() - started, 2),
+        "time_s": {k: round(v, 3) for k, v in clock.seconds.items()},
     }
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
