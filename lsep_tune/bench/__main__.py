@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lsep_tune.config import ConfigError
+from lsep_tune.errors import InputError, OneLineParser, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lsep_tune.bench", description=__doc__)
+    p = OneLineParser(prog="python -m lsep_tune.bench", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="time the real training step on synthetic latents")
@@ -48,36 +48,36 @@ def check(args: argparse.Namespace) -> None:
         return
     for flag in ("batch", "steps", "repeats"):
         if getattr(args, flag) < 1:
-            raise ConfigError(f"--{flag}: {getattr(args, flag)}: expected a positive integer")
+            raise InputError(f"--{flag}", getattr(args, flag), "expected a positive integer")
     if args.warmup < 0:
-        raise ConfigError(f"--warmup: {args.warmup}: expected 0 or more")
+        raise InputError("--warmup", args.warmup, "expected 0 or more")
     if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads: {args.threads}: expected a positive integer")
+        raise InputError("--threads", args.threads, "expected a positive integer")
     if args.device and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise ConfigError(f"--device: {args.device}: expected cpu or cuda")
+        raise InputError("--device", args.device, "expected cpu or cuda")
     if args.device and args.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"--device: {args.device}: no CUDA device here")
+            raise InputError("--device", args.device, "no CUDA device here")
 
 
-def main(argv: list[str] | None = None) -> int:
+def _bench(argv: list[str] | None) -> int:
     args = parse_args(argv)
-    try:
-        check(args)
-        if args.command == "train":
-            from lsep_tune.bench.train import bench_config, parse_regularizers, run_train
+    check(args)
+    if args.command == "train":
+        from lsep_tune.bench.train import bench_config, parse_regularizers, run_train
 
-            for r in args.regularizers:  # every configuration is checked before anything runs
-                bench_config(args, parse_regularizers(r), args.baseline)
-            return run_train(args)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        for r in args.regularizers:  # every configuration is checked before anything runs
+            bench_config(args, parse_regularizers(r), args.baseline)
+        return run_train(args)
     from lsep_tune.bench.search import run_search_bench
 
     return run_search_bench(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _bench(argv))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from lsep_tune.bench.flops import device_peak, train_flops_per_image
-from lsep_tune.config import Config, ConfigError, parse_override, set_path, validate
+from lsep_tune.config import Config, parse_override, set_path, validate
+from lsep_tune.errors import InputError
 from lsep_tune.data.loader import ArrayDataset
 from lsep_tune.objectives import REGULARIZERS
 
@@ -31,8 +32,8 @@ def parse_regularizers(text: str) -> tuple[str, ...]:
     names = tuple(text.split("+"))
     for name in names:
         if name not in REGULARIZERS:
-            raise ConfigError(f"--regularizers: {text}: {name!r} is not a regularizer here, expected 'none' or "
-                              f"names from {', '.join(REGULARIZERS)} joined by '+'")
+            raise InputError("--regularizers", text, f"{name!r} is not a regularizer here, expected 'none' or "
+                             f"names from {', '.join(REGULARIZERS)} joined by '+'")
     return names
 
 
