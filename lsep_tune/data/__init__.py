@@ -1,0 +1,14 @@
+"""Training data: the embedded digits, and the latent shards written by `lsep_tune.preprocess`."""
+from __future__ import annotations
+
+
+def check_available(data_cfg, cfg=None) -> None:
+    """Pre-flight: raise schema.InputError (one line) when the data is missing, incomplete, or does not
+    fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts."""
+    if data_cfg.kind == "digits":
+        return
+    from lsep_tune.data.latents import check_fits, read_manifest
+
+    manifest = read_manifest(data_cfg.path)
+    if cfg is not None:
+        check_fits(manifest, data_cfg.path, cfg)

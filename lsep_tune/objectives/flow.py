@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -55,6 +55,7 @@ class FlowBatch:
     x_t: torch.Tensor  # (N, C, H, W)
     target: torch.Tensor  # (N, C, H, W) velocity target
     path_type: str
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data targets, e.g. REPA's
 
     def noised(self, t: torch.Tensor) -> torch.Tensor:
         """The same data and noise at other times t (N,): SRA's teacher input."""

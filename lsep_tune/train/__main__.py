@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from lsep_tune.config import ConfigError, load_config, preset_names, require_writable_dir
+from lsep_tune.schema import InputError
 from lsep_tune.train.distributed import ends_local_ray
 
 
@@ -66,7 +67,10 @@ def prepare(args: argparse.Namespace):
     """Everything that can be wrong with the request fails here, before any training starts."""
     from lsep_tune import tracking
 
+    from lsep_tune.data import check_available
+
     cfg, output = resolve(args)
+    check_available(cfg.data, cfg)  # a missing or mismatched dataset: one line, before anything is created
     require_writable_dir(output, "--output")
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
@@ -122,7 +126,7 @@ def _main(args: argparse.Namespace) -> int:
         cfg, output, uri, previous, placement, paths = prepare(args)
         world = placement.workers if placement else 1
         run_id = start_tracking(cfg, output, uri, previous, world, requested_device(args, placement))
-    except ConfigError as err:
+    except (ConfigError, InputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     record = {"mlflow_uri": uri, "mlflow_run_id": run_id}

@@ -110,7 +110,8 @@ def train_loop(cfg: Config, ctx) -> dict:
 
     accum = cfg.optim.grad_accum_steps
     local_batch = cfg.data.batch_size
-    batches = StepBatches(load_dataset(cfg.data), cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
+    dataset = load_dataset(cfg.data, features=cfg.objective.repa.enabled)
+    batches = StepBatches(dataset, cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
     is_main = ctx.rank == 0
     out = Path(ctx.output_dir)
     if is_main:
@@ -135,13 +136,14 @@ def train_loop(cfg: Config, ctx) -> dict:
         optimizer.zero_grad(set_to_none=True)
         step_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            x, y = batches.batch(step, micro)
+            x, y, extras = batches.batch(step, micro)
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
             draws = Draws.for_step(cfg.run.seed, step, local_batch * ctx.world_size * accum,
                                    (micro * ctx.world_size + ctx.rank) * local_batch, local_batch, device)
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(cfg.run.precision, device):
-                loss, metrics = model(x, y, draws, teacher=teacher)
+                loss, metrics = model(x, y, draws, teacher=teacher, extras=extras)
             scaler.scale(loss / accum).backward()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v.float() / accum
@@ -201,6 +203,7 @@ def train_loop(cfg: Config, ctx) -> dict:
             if folder:
                 last_ckpt = folder
     bar.close()
+    batches.close()
 
     # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
