@@ -242,6 +242,34 @@ def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: l
     return record
 
 
+def write_manifest(out: Path, shards: list[dict], resolution: int, vae: str, images: str,
+                   classes: dict[str, int], encoder: dict | None) -> dict:
+    """manifest.json from the shard records; written last, so its presence means a complete dataset."""
+    first = next((r for r in shards if r["num_images"]), None)
+    if first is None:
+        raise InputError(images, "--images", "no image could be read; see the paths listed above")
+    stem = out / SHARD.format(first["index"])
+    manifest = {
+        "format": FORMAT,
+        "num_images": sum(r["num_images"] for r in shards),
+        "resolution": resolution,
+        "latent_shape": list(np.load(f"{stem}.moments.npy", mmap_mode="r").shape[3:]),
+        "latent_dtype": "float16",
+        "layout": "moments (n, [image, flip], [mean, std], C, h, w); features (n, [image, flip], T, D)",
+        "vae": vae,
+        "images": images,
+        "classes": classes,
+        "encoder": encoder,
+        "feature_shape": list(np.load(f"{stem}.features.npy", mmap_mode="r").shape[2:]) if encoder else None,
+        "shards": [{"index": r["index"], "num_images": r["num_images"], "files": r["files"]} for r in shards],
+        "unreadable": [p for r in shards for p in r["unreadable"]],
+    }
+    tmp = out / ".manifest.json.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out / "manifest.json")
+    return manifest
+
+
 class ShardWriter:
     """Collects the in-order encoded rows of the pending shards and writes each when it is complete."""
 
@@ -390,31 +418,8 @@ def run(args) -> dict:
         for index, record in writer.records.items():
             shards[index] = record
 
-    first = next((r for r in shards if r["num_images"]), None)
-    if first is None:
-        raise InputError(root, "--images", "no image could be read; see the paths listed above")
-    moments = np.load(out / f"{SHARD.format(first['index'])}.moments.npy", mmap_mode="r")
-    manifest = {
-        "format": FORMAT,
-        "num_images": sum(r["num_images"] for r in shards),
-        "resolution": args.resolution,
-        "latent_shape": list(moments.shape[3:]),
-        "latent_dtype": "float16",
-        "layout": "moments (n, [image, flip], [mean, std], C, h, w); features (n, [image, flip], T, D)",
-        "vae": args.vae,
-        "images": str(root.resolve()),
-        "classes": class_map,
-        "encoder": encoder_info,
-        "feature_shape": None,
-        "shards": [{"index": r["index"], "num_images": r["num_images"], "files": r["files"]} for r in shards],
-        "unreadable": [p for r in shards for p in r["unreadable"]],
-    }
-    if encoder_info:
-        feats = np.load(out / f"{SHARD.format(first['index'])}.features.npy", mmap_mode="r")
-        manifest["feature_shape"] = list(feats.shape[2:])
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    manifest = write_manifest(out, shards, resolution=args.resolution, vae=args.vae, images=str(root.resolve()),
+                              classes=class_map, encoder=encoder_info)
     print(f"wrote {manifest['num_images']} images to {out / 'manifest.json'}"
           + (f"; {len(manifest['unreadable'])} unreadable image(s) skipped" if manifest["unreadable"] else ""))
     return manifest
