@@ -98,30 +98,28 @@ def load_vae_any(name_or_path: str):
     return vae.eval().requires_grad_(False)
 
 
-def load_encoder(name: str, weights: str | None):
-    """A timm model by name; weights from a local file (state dict) or else timm's hub."""
+def load_encoder(name: str, weights: str | None, resolution: int):
+    """A timm ViT by name at `resolution` (timm resamples the position embedding when the weights were
+    trained at another size, e.g. DINOv2's 518 -> 224 as REPA uses); weights from a local file or the hub."""
     import timm
-    import torch
 
+    overlay = {"file": weights} if weights else None
     try:
-        if weights:
-            model = timm.create_model(name, pretrained=False, num_classes=0)
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            model.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state, strict=False)
-        else:
-            model = timm.create_model(name, pretrained=True, num_classes=0)
-    except Exception as err:  # noqa: BLE001 - unknown names, missing files and hub errors alike
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0,
+                                  img_size=resolution)
+    except Exception as err:  # noqa: BLE001 - unknown names, non-ViTs, missing files and hub errors alike
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError("--encoder", name, f"cannot build this timm model with its weights ({first[:200]})") from None
+        raise InputError("--encoder", name, f"cannot build this timm ViT at {resolution}px with its weights "
+                                            f"({first[:200]})") from None
     return model.eval().requires_grad_(False)
 
 
-def encoder_input_spec(model) -> dict:
-    """Resolution and normalisation the encoder was trained with (timm's data config)."""
+def encoder_input_spec(model, resolution: int) -> dict:
+    """The encoder's input side and the normalisation it was trained with (timm's data config)."""
     from timm.data import resolve_data_config
 
     cfg = resolve_data_config({}, model=model)
-    return {"input_size": int(cfg["input_size"][-1]), "mean": list(cfg["mean"]), "std": list(cfg["std"])}
+    return {"input_size": resolution, "mean": list(cfg["mean"]), "std": list(cfg["std"])}
 
 
 def encoder_patch_tokens(model, spec: dict, images_uint8):
@@ -163,7 +161,7 @@ class Encode:
             import timm
 
             name, state, self.spec = encoder_payload
-            self.encoder = timm.create_model(name, pretrained=False, num_classes=0)
+            self.encoder = timm.create_model(name, pretrained=False, num_classes=0, img_size=self.spec["input_size"])
             self.encoder.load_state_dict(state)
             self.encoder = self.encoder.eval().requires_grad_(False).to(self.device)
 
@@ -320,7 +318,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shard-size", type=int, default=10_000, help="images per shard (default: %(default)s)")
     p.add_argument("--encoder", help="also store this frozen timm encoder's patch tokens for REPA, e.g. "
                                      "vit_base_patch14_dinov2.lvd142m")
-    p.add_argument("--encoder-weights", help="local state-dict file for --encoder (default: timm's hub)")
+    p.add_argument("--encoder-weights", help="local weights file for --encoder (default: timm's hub)")
+    p.add_argument("--encoder-resolution", type=int, default=224,
+                   help="the encoder's input side (default: %(default)s: a DINOv2 ViT-B/14 then gives 16 x 16 = "
+                        "256 tokens, the token count of SiT/2 at 256px)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--export-digits", metavar="DIR",
                    help="write the embedded digits (train split) as a class-folder tree of PNGs into DIR and exit")
@@ -376,8 +377,8 @@ def run(args) -> dict:
     vae = load_vae_any(args.vae)
     encoder_payload, encoder_info = None, None
     if args.encoder:
-        encoder = load_encoder(args.encoder, args.encoder_weights)
-        spec = encoder_input_spec(encoder)
+        encoder = load_encoder(args.encoder, args.encoder_weights, args.encoder_resolution)
+        spec = encoder_input_spec(encoder, args.encoder_resolution)
         encoder_payload = (args.encoder, encoder.state_dict(), spec)
         encoder_info = {"name": args.encoder, "weights": args.encoder_weights or "timm hub", **spec}
 

@@ -16,7 +16,7 @@ def make_tiny_encoder(path: Path) -> Path:
     import timm
 
     torch.manual_seed(0)
-    torch.save(timm.create_model(ENCODER, pretrained=False, num_classes=0).state_dict(), path)
+    torch.save(timm.create_model(ENCODER, pretrained=False).state_dict(), path)  # with its head, as published
     return path
 
 
@@ -90,3 +90,16 @@ def test_lsep_plus_repa_trains_on_preprocessed_features_and_the_repa_loss_falls(
     repa = [r["repa_loss"] for r in records]
     assert len(repa) == 8 and "probe_acc" in records[-1]  # LSEP and REPA together
     assert repa[-1] < 0.8 * repa[0], repa
+
+
+def test_encoder_weights_come_from_the_local_file(tmp_path):
+    from lsep_tune import preprocess
+    from lsep_tune.schema import InputError
+
+    path = make_tiny_encoder(tmp_path / "vit.pt")
+    saved = torch.load(path, weights_only=True)
+    model = preprocess.load_encoder(ENCODER, str(path), 224)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, saved[name], msg=name)
+    with pytest.raises(InputError, match="--encoder: no_such_model"):
+        preprocess.load_encoder("no_such_model", str(path), 224)
