@@ -408,7 +408,8 @@ def run(args) -> dict:
         ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // args.batch, 1000)))
         ds = ds.map_batches(read_and_crop, batch_size=args.batch, fn_kwargs={"root": str(root.resolve()),
                                                                              "resolution": args.resolution})
-        ds = ds.map_batches(Encode, batch_size=args.batch, concurrency=args.workers, num_gpus=gpus,
+        ds = ds.map_batches(Encode, batch_size=args.batch, num_gpus=gpus,
+                            compute=ray.data.ActorPoolStrategy(size=args.workers),
                             fn_constructor_kwargs={"vae_payload": ray.put(vae_mod.to_payload(vae)),
                                                    "encoder_payload": ray.put(encoder_payload)
                                                    if encoder_payload else None})
