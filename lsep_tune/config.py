@@ -52,7 +52,7 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    kind: Literal["digits", "latents"] = "latents"
+    kind: Literal["digits", "latents", "images"] = "latents"
     path: str | None = Field(None, description="output folder of `python -m lsep_tune.preprocess`: manifest.json "
                              "and shard-*.npy (SD-VAE posteriors of each image and its flip)")
     latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to each posterior sample")
@@ -63,6 +63,8 @@ class DataConfig(StrictModel):
     def _path_for_latents(self) -> "DataConfig":
         if self.kind == "latents" and not self.path:
             raise ValueError("data.kind 'latents' needs data.path (the output folder of lsep_tune.preprocess)")
+        if self.kind == "images" and not self.path:
+            raise ValueError("data.kind 'images' needs data.path (a folder with one sub-folder of images per class)")
         return self
 
 

@@ -184,3 +184,43 @@ def test_latent_dataset_feeds_two_worker_training(ray_local, tmp_path):
     assert summary["world_size"] == 2 and summary["global_batch"] == 8 and summary["final_step"] == 6
     assert len(set(summary["replica_digests"])) == 1
     assert np.isfinite(summary["final_loss"])
+
+
+def test_image_folder_dataset_crops_flips_per_step_and_trains(tmp_path):
+    from PIL import Image
+
+    from lsep_tune.train.__main__ import main
+
+    rng = np.random.default_rng(0)
+    for c in ("cat", "dog"):
+        (tmp_path / "imgs" / c).mkdir(parents=True)
+        for i in range(6):
+            img = np.zeros((12, 20, 3), dtype=np.uint8)
+            img[:, :10] = 255  # left half white: a flip shows
+            img[..., 2] = rng.integers(0, 255)
+            Image.fromarray(img).save(tmp_path / "imgs" / c / f"{i}.png")
+    cfg = load_config(preset="digits", overrides=[f"data.path={tmp_path / 'imgs'}", "data.kind=images",
+                                                  "model.in_channels=3", "model.num_classes=2",
+                                                  "model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2",
+                                                  "objective.lsep.crop_start=null", "run.eval_every=0"])
+    check_available(cfg.data, cfg)
+    from lsep_tune.data.loader import load_dataset
+
+    ds = load_dataset(cfg.data, image_size=8)
+    whole = StepBatches(ds, 0, 8, 1, 0, 1)
+    x, y, _ = whole.batch(0, 0)
+    assert x.shape == (8, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    left_white = x[:, 0, :, 0] > 0.9
+    assert left_white.any() and (~left_white).any()  # some flipped, some not
+    halves = [StepBatches(ds, 0, 4, 2, r, 1).batch(0, 0)[0] for r in range(2)]
+    torch.testing.assert_close(torch.cat(halves), x, rtol=0, atol=0)
+    whole.close()
+    with pytest.raises(InputError, match="data.path: no such folder"):
+        check_available(load_config(preset="digits", overrides=[f"data.path={tmp_path}/no", "data.kind=images",
+                                                                "model.in_channels=3"]).data)
+    from lsep_tune.config import dump_config
+
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    assert main(["--config", str(tmp_path / "cfg.yaml"), "--max-steps", "3", "--set", "data.batch_size=4",
+                 "--set", "sampling.steps=2", "--set", "sampling.grid_images=4", "--output", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 3

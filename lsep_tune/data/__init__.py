@@ -7,6 +7,10 @@ def check_available(data_cfg, cfg=None) -> None:
     fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts."""
     if data_cfg.kind == "digits":
         return
+    if data_cfg.kind == "images":
+        from lsep_tune.data.images import check_image_folder
+
+        return check_image_folder(data_cfg.path)
     from lsep_tune.data.latents import check_fits, read_manifest
 
     manifest = read_manifest(data_cfg.path)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lsep_tune.data import digits
+from lsep_tune.data.images import ImageFolder
 from lsep_tune.data.latents import LatentShards, data_draws
 
 
@@ -38,11 +39,14 @@ class ArrayDataset:
         return x[inverse] * self.scale, y[inverse], {}
 
 
-def load_dataset(data_cfg, split: str = "train", features: bool = False):
-    """digits in memory, or the preprocess output's latent shards (with REPA targets when asked)."""
+def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):
+    """digits in memory, an image-class-folder tree (pixel models), or the preprocess output's latent
+    shards (with REPA targets when asked)."""
     if data_cfg.kind == "digits":
         images, labels = digits.load_digits_split(split)
         return ArrayDataset(images.numpy(), labels.numpy())
+    if data_cfg.kind == "images":
+        return ImageFolder(data_cfg.path, image_size)
     return LatentShards(data_cfg.path, scale=data_cfg.latent_scale, features=features)
 
 

@@ -110,7 +110,7 @@ def train_loop(cfg: Config, ctx) -> dict:
 
     accum = cfg.optim.grad_accum_steps
     local_batch = cfg.data.batch_size
-    dataset = load_dataset(cfg.data, features=cfg.objective.repa.enabled)
+    dataset = load_dataset(cfg.data, features=cfg.objective.repa.enabled, image_size=cfg.model.input_size)
     batches = StepBatches(dataset, cfg.run.seed, local_batch, ctx.world_size, ctx.rank, accum)
     is_main = ctx.rank == 0
     out = Path(ctx.output_dir)
