@@ -114,3 +114,13 @@ def test_preprocess_writes_shards_reruns_and_reports_corrupt(tmp_path, tiny_vae,
     assert after["shard-00000.moments.npy"] == stamps["shard-00000.moments.npy"]
     assert after["shard-00001.labels.npy"] != stamps["shard-00001.labels.npy"]
     assert json.loads((out / "manifest.json").read_text()) == manifest
+
+
+def test_export_digits_writes_a_class_folder_tree(tmp_path):
+    from lsep_tune.data.digits import load_digits_split
+
+    assert preprocess.main(["--export-digits", str(tmp_path / "digits")]) == 0
+    class_map, items = preprocess.scan_class_folders(tmp_path / "digits")
+    _, labels = load_digits_split("train")
+    assert class_map == {str(i): i for i in range(10)}
+    assert len(items) == len(labels) and sorted(label for _, label in items) == sorted(labels.tolist())
