@@ -121,16 +121,16 @@ def test_check_available_refuses_missing_incomplete_and_mismatched(tmp_path, lat
     with pytest.raises(InputError, match="no manifest.json"):
         check_available(latent_cfg(tmp_path / "empty").data)
     cfg = latent_cfg(latents)
-    check_available(cfg.data, cfg)
+    check_available(cfg.data, cfg=cfg)
     with pytest.raises(InputError, match="model.in_channels/input_size: the latents are 4 x 8 x 8"):
         bad = latent_cfg(latents, **{"model.input_size": 16})
-        check_available(bad.data, bad)
+        check_available(bad.data, cfg=bad)
     with pytest.raises(InputError, match="model.num_classes"):
         bad = latent_cfg(latents, **{"model.num_classes": 2})
-        check_available(bad.data, bad)
+        check_available(bad.data, cfg=bad)
     with pytest.raises(InputError, match="rerun preprocess with --encoder"):
         bad = latent_cfg(latents, **{"objective.repa.enabled": True})
-        check_available(bad.data, bad)
+        check_available(bad.data, cfg=bad)
     (latents / "shard-00001.moments.npy").write_bytes(b"truncated")
     with pytest.raises(InputError, match="shard-00001.moments.npy: shards: 9 bytes"):
         check_available(cfg.data)
@@ -203,7 +203,7 @@ def test_image_folder_dataset_crops_flips_per_step_and_trains(tmp_path):
                                                   "model.in_channels=3", "model.num_classes=2",
                                                   "model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2",
                                                   "objective.lsep.crop_start=null", "run.eval_every=0"])
-    check_available(cfg.data, cfg)
+    check_available(cfg.data, cfg=cfg)
     from lsep_tune.data.loader import load_dataset
 
     ds = load_dataset(cfg.data, image_size=8)

@@ -79,7 +79,7 @@ def test_lsep_plus_repa_trains_on_preprocessed_features_and_the_repa_loss_falls(
             "sampling.grid_images=4"]
     wrong = load_config(preset="digits", overrides=sets + ["objective.repa.encoder=vit_small_patch14_dinov2"])
     with pytest.raises(InputError, match="objective.repa.encoder"):
-        check_available(wrong.data, wrong)
+        check_available(wrong.data, cfg=wrong)
 
     run = tmp_path / "run"
     argv = ["--preset", "digits", "--max-steps", "40", "--output", str(run)]

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 
-def check_available(data_cfg, cfg=None) -> None:
+def check_available(data_cfg, source: str = "config", cfg=None) -> None:
     """Pre-flight: raise schema.InputError (one line) when the data is missing, incomplete, or does not
-    fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts."""
+    fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts.
+    The errors name the data folder (or manifest file) as their source; `source` is accepted for the
+    callers that pass the config's name."""
     if data_cfg.kind == "digits":
         return
     if data_cfg.kind == "images":

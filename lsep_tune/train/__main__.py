@@ -70,7 +70,7 @@ def prepare(args: argparse.Namespace):
     from lsep_tune.data import check_available
 
     cfg, output = resolve(args)
-    check_available(cfg.data, cfg)  # a missing or mismatched dataset: one line, before anything is created
+    check_available(cfg.data, cfg=cfg)  # a missing or mismatched dataset: one line, before anything is created
     require_writable_dir(output, "--output")
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
