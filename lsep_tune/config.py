@@ -49,16 +49,19 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    kind: Literal["digits", "latents"] = "latents"
-    path: str | None = Field(None, description="folder of latent shards (*.npz with 'latents' and 'labels')")
-    latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to stored latents")
+    kind: Literal["digits", "latents", "images"] = "latents"
+    path: str | None = Field(None, description="output folder of `python -m lsep_tune.preprocess`: manifest.json "
+                             "and shard-*.npy (SD-VAE posteriors of each image and its flip)")
+    latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to each posterior sample")
     vae_path: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes the latents")
     batch_size: int = Field(256, gt=0, description="global batch = batch_size x workers x grad_accum_steps")
 
     @model_validator(mode="after")
     def _path_for_latents(self) -> "DataConfig":
         if self.kind == "latents" and not self.path:
-            raise ValueError("data.kind 'latents' needs data.path (a folder of latent shards)")
+            raise ValueError("data.kind 'latents' needs data.path (the output folder of lsep_tune.preprocess)")
+        if self.kind == "images" and not self.path:
+            raise ValueError("data.kind 'images' needs data.path (a folder with one sub-folder of images per class)")
         return self
 
 

@@ -13,7 +13,7 @@ from lsep_tune.search.space import SPACES_DIR, SearchSpace, SpaceError, load_spa
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 L = "objective.lsep."
 SHIPPED = ["digits", "lsep-sit-b2-imagenet256", "lsep-sit-xl2-imagenet256", "sra-sit-b2-imagenet256",
-           "lsep-sra-sit-xl2-imagenet256"]
+           "lsep-sra-sit-xl2-imagenet256", "lsep-repa-sit-xl2-imagenet256"]
 
 
 def digits_data():

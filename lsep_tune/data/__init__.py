@@ -1,22 +1,20 @@
-"""Training data: the embedded digits set, or precomputed SD-VAE latents on disk."""
+"""Training data: the embedded digits, and the latent shards written by `lsep_tune.preprocess`."""
 from __future__ import annotations
 
-from pathlib import Path
 
-from lsep_tune.errors import InputError
+def check_available(data_cfg, source: str = "config", cfg=None) -> None:
+    """Pre-flight: raise errors.InputError (one line) when the data is missing, incomplete, or does not
+    fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts.
+    The errors name the data folder (or manifest file) as their source; `source` is accepted for the
+    callers that pass the config's name."""
+    if data_cfg.kind == "digits":
+        return
+    if data_cfg.kind == "images":
+        from lsep_tune.data.images import check_image_folder
 
-LATENT_FILES = ("latents.npy", "labels.npy")
+        return check_image_folder(data_cfg.path)
+    from lsep_tune.data.latents import check_fits, read_manifest
 
-
-def check_available(data_cfg, source: str = "config") -> None:
-    """Refuse, in one line and before any run starts, data that `loader.load_dataset` could not read."""
-    if data_cfg.kind != "latents":
-        return  # digits ship inside the package
-    root = Path(data_cfg.path)
-    if not root.is_dir():
-        raise InputError(source, "data.path", f"{root} is not a folder; expected one holding "
-                                              f"{' and '.join(LATENT_FILES)} (precomputed SD-VAE latents)")
-    missing = [name for name in LATENT_FILES if not (root / name).is_file()]
-    if missing:
-        raise InputError(source, "data.path", f"{root} lacks {' and '.join(missing)}; expected precomputed "
-                                              f"SD-VAE latents as {' and '.join(LATENT_FILES)}")
+    manifest = read_manifest(data_cfg.path)
+    if cfg is not None:
+        check_fits(manifest, data_cfg.path, cfg)

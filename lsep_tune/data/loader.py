@@ -3,20 +3,25 @@
 Samples are read in per-epoch permutations seeded by (seed, epoch). Global micro-batch j of step s
 covers stream positions [(s * accum + j) * G, ... + G), and rank r reads its contiguous slice. A
 resumed run therefore continues at exactly the right sample, and the split of the global batch
-over workers does not change which samples are seen.
+over workers does not change which samples are seen. Datasets that draw per-sample randomness
+(the latent shards' flip and posterior sample) get the step's data draws, sliced the same way.
 """
 from __future__ import annotations
 
-from pathlib import Path
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
 
 from lsep_tune.data import digits
+from lsep_tune.data.images import ImageFolder
+from lsep_tune.data.latents import LatentShards, data_draws
 
 
 class ArrayDataset:
     """Images (N, C, H, W) and labels (N,) held as arrays (in memory or memory-mapped)."""
+
+    read_ahead = False  # in memory: nothing to wait for
 
     def __init__(self, images, labels, scale: float = 1.0):
         if len(images) != len(labels):
@@ -26,33 +31,34 @@ class ArrayDataset:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def take(self, idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def take(self, idx: np.ndarray, draws=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         order = np.argsort(idx, kind="stable")  # sorted reads suit memory maps
         x = torch.as_tensor(np.asarray(self.images[idx[order]]), dtype=torch.float32)
         y = torch.as_tensor(np.asarray(self.labels[idx[order]]), dtype=torch.long)
         inverse = torch.as_tensor(np.argsort(order, kind="stable"))
-        return x[inverse] * self.scale, y[inverse]
+        return x[inverse] * self.scale, y[inverse], {}
 
 
-def load_dataset(data_cfg, split: str = "train") -> ArrayDataset:
+def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):
+    """digits in memory, an image-class-folder tree (pixel models), or the preprocess output's latent
+    shards (with REPA targets when asked)."""
     if data_cfg.kind == "digits":
         images, labels = digits.load_digits_split(split)
         return ArrayDataset(images.numpy(), labels.numpy())
-    root = Path(data_cfg.path)
-    try:
-        images = np.load(root / "latents.npy", mmap_mode="r")
-        labels = np.load(root / "labels.npy", mmap_mode="r")
-    except OSError as err:
-        raise FileNotFoundError(f"data.path: {root}: expected latents.npy and labels.npy ({err})") from None
-    return ArrayDataset(images, labels, scale=data_cfg.latent_scale)
+    if data_cfg.kind == "images":
+        return ImageFolder(data_cfg.path, image_size)
+    return LatentShards(data_cfg.path, scale=data_cfg.latent_scale, features=features)
 
 
 class StepBatches:
-    def __init__(self, dataset: ArrayDataset, seed: int, local_batch: int, world_size: int, rank: int, accum: int):
+    def __init__(self, dataset, seed: int, local_batch: int, world_size: int, rank: int, accum: int):
         self.dataset, self.seed = dataset, seed
         self.local_batch, self.world_size, self.rank, self.accum = local_batch, world_size, rank, accum
         self.global_micro = local_batch * world_size
         self._perm_epoch, self._perm = -1, None
+        # One batch read ahead in a background thread, so a step does not wait on storage.
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="read-ahead") if dataset.read_ahead else None
+        self._ahead: tuple[tuple[int, int], Future] | None = None
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
@@ -70,5 +76,25 @@ class StepBatches:
             out[sel] = self._permutation(int(epoch))[positions[sel] % n]
         return out
 
-    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.dataset.take(self.indices(step, micro))
+    def draws(self, step: int, micro: int):
+        """The step's data draws, sliced to this rank and micro-step (as the objective's draws are)."""
+        offset = (micro * self.world_size + self.rank) * self.local_batch
+        return data_draws(self.seed, step, self.global_micro * self.accum, offset, self.local_batch)
+
+    def read(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        return self.dataset.take(self.indices(step, micro), self.draws(step, micro))
+
+    def batch(self, step: int, micro: int) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(x, y, extras) of (step, micro); the next one starts loading in the background."""
+        if self._pool is None:
+            return self.read(step, micro)
+        key = (step, micro)
+        ahead, self._ahead = self._ahead, None
+        out = ahead[1].result() if ahead is not None and ahead[0] == key else self.read(step, micro)
+        nxt = (step, micro + 1) if micro + 1 < self.accum else (step + 1, 0)
+        self._ahead = (nxt, self._pool.submit(self.read, *nxt))
+        return out
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)

@@ -12,11 +12,13 @@ from lsep_tune.objectives.base import Regularizer, RegularizerConfig, Regularize
 from lsep_tune.objectives.flow import flow_loss, make_flow_batch
 from lsep_tune.objectives.lsep import LSEP
 from lsep_tune.objectives.randomness import Draws
+from lsep_tune.objectives.repa import REPA
 from lsep_tune.objectives.sra import SRA
 
 REGULARIZERS: dict[str, type[Regularizer]] = {
     "lsep": LSEP,
     "sra": SRA,
+    "repa": REPA,
 }
 
 
@@ -38,11 +40,13 @@ class TrainObjective(nn.Module):
             if reg_cfg.enabled:
                 self.regularizers[name] = cls(reg_cfg, sit.hidden_size, sit.num_classes, sit.grid_size)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, draws: Draws, teacher: nn.Module | None = None):
+    def forward(self, x: torch.Tensor, y: torch.Tensor, draws: Draws, teacher: nn.Module | None = None,
+                extras: dict[str, torch.Tensor] | None = None):
         batch = make_flow_batch(
             x, y, draws, self.flow_cfg.path_type, self.flow_cfg.time_sampling,
             self.flow_cfg.class_dropout_prob, self.sit.null_class,
         )
+        batch.extras = extras or {}
         depths = tuple(sorted({d for reg in self.regularizers.values() for d in reg.feature_depths}))
         pred, features = self.sit(batch.x_t, batch.t, batch.y_model, return_depths=depths)
         loss_flow = flow_loss(pred, batch.target)

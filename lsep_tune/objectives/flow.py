@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,7 @@ class FlowBatch:
     target: torch.Tensor  # (N, C, H, W) velocity target
     path_type: str
     dropped_host: torch.Tensor | None = None  # (N,) bool on the host: which labels y_model dropped
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample data targets, e.g. REPA's
 
     def noised(self, t: torch.Tensor) -> torch.Tensor:
         """The same data and noise at other times t (N,): SRA's teacher input."""

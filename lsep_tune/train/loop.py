@@ -189,7 +189,8 @@ class Training:
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         self.accum = cfg.optim.grad_accum_steps
         self.local_batch = cfg.data.batch_size
-        data = dataset if dataset is not None else load_dataset(cfg.data)
+        data = dataset if dataset is not None else load_dataset(
+            cfg.data, features=cfg.objective.repa.enabled, image_size=cfg.model.input_size)
         self.batches = StepBatches(data, cfg.run.seed, self.local_batch, ctx.world_size, ctx.rank, self.accum)
         # For epoch-based schedules (SRA's published decay): an epoch is one pass over the data.
         self.steps_per_epoch = max(1, len(data) // (self.local_batch * ctx.world_size * self.accum))
@@ -204,15 +205,17 @@ class Training:
         self.objective.set_step(step, self.steps_per_epoch)
         step_metrics: dict[str, torch.Tensor] = {}
         for micro in range(accum):
-            x, y = self.batches.batch(step, micro)
+            x, y, extras = self.batches.batch(step, micro)
             if self.pin:  # pinned host memory: the copy is queued, the host does not wait for the device
                 x, y = x.pin_memory(), y.pin_memory()
+                extras = {k: v.pin_memory() for k, v in extras.items()}
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            extras = {k: v.to(device, non_blocking=True) for k, v in extras.items()}
             draws = Draws.for_step(cfg.run.seed, step, self.local_batch * ctx.world_size * accum,
                                    (micro * ctx.world_size + ctx.rank) * self.local_batch, self.local_batch, device)
             sync = micro == accum - 1 or not hasattr(model, "no_sync")
             with (contextlib.nullcontext() if sync else model.no_sync()), autocast_for(cfg.run.precision, device):
-                loss, metrics = model(x, y, draws, teacher=self.teacher)
+                loss, metrics = model(x, y, draws, teacher=self.teacher, extras=extras)
             scaler.scale(loss / accum).backward()
             for k, v in metrics.items():
                 step_metrics[k] = step_metrics.get(k, 0.0) + v.float() / accum
@@ -318,6 +321,7 @@ def train_loop(cfg: Config, ctx) -> dict:
                 last_ckpt = folder
             clock.charge("checkpoint" if want_ckpt else "report")
     bar.close()
+    tr.batches.close()
 
     # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))

@@ -1,0 +1,54 @@
+"""A class-folder image tree read directly, for pixel-space models (`data.kind: images`).
+
+Each image gets the ADM centre crop to `model.input_size` and, per step, a horizontal flip drawn like
+the latent dataset's (from (seed, step, sample position) alone), scaled to [-1, 1]. Images are
+decoded on every read, so this suits small sets; large ones belong in `lsep_tune.preprocess`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lsep_tune.objectives.randomness import Draws
+from lsep_tune.errors import InputError
+
+
+def check_image_folder(path) -> None:
+    from lsep_tune.preprocess import scan_class_folders
+
+    if not path or not Path(path).is_dir():
+        raise InputError(path, "data.path", "no such folder; expected one sub-folder of images per class")
+    if not scan_class_folders(Path(path))[1]:
+        raise InputError(path, "data.path", "no images in class sub-folders")
+
+
+class ImageFolder:
+    read_ahead = True  # decoding goes to the background thread
+
+    def __init__(self, path, resolution: int):
+        from lsep_tune.preprocess import scan_class_folders
+
+        check_image_folder(path)
+        self.root, self.resolution = Path(path), resolution
+        self.classes, items = scan_class_folders(self.root)
+        self.paths = [rel for rel, _ in items]
+        self.labels = torch.as_tensor([label for _, label in items], dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def take(self, idx: np.ndarray, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        from PIL import Image
+
+        from lsep_tune.preprocess import adm_center_crop
+
+        flip = draws.rand() < 0.5
+        crops = []
+        for i in idx:
+            with Image.open(self.root / self.paths[i]) as img:
+                crops.append(adm_center_crop(img.convert("RGB"), self.resolution))
+        x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        return x, self.labels[torch.from_numpy(idx)], {}
