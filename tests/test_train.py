@@ -144,18 +144,18 @@ def test_missing_training_data_fails_before_mlflow_or_any_folder(tmp_path):
                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: preset imagenet256-sit-b2: data.path: data/imagenet256-latents is not a folder; expected one "
-        "holding latents.npy and labels.npy (precomputed SD-VAE latents)"]
+        "error: data/imagenet256-latents: data.path: no such folder; create it with python -m lsep_tune.preprocess "
+        "--images IMAGE_FOLDER --out data/imagenet256-latents"]
     assert list(tmp_path.iterdir()) == []  # no runs/, no mlflow.db, no mlruns/
 
 
-def test_check_available_names_the_missing_file(tmp_path):
+def test_check_available_names_what_is_missing(tmp_path):
     from lsep_tune.data import check_available
     from lsep_tune.errors import InputError
 
-    (tmp_path / "latents.npy").write_bytes(b"")
-    cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path}"])
-    with pytest.raises(InputError, match="lacks labels.npy"):
+    cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path / 'absent'}"])
+    with pytest.raises(InputError, match="data.path: no such folder"):
         check_available(cfg.data, "x.yaml")
-    (tmp_path / "labels.npy").write_bytes(b"")
-    check_available(cfg.data, "x.yaml")
+    cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path}"])
+    with pytest.raises(InputError, match="no manifest.json"):
+        check_available(cfg.data, "x.yaml")
