@@ -33,7 +33,7 @@ def test_overrides_parse_as_yaml_values():
 BAD = [
     ("objective.lsep.uncond_prob=1.5", "objective.lsep.uncond_prob", "less than or equal to 1"),
     ("objective.lsep.crop_start=5", "objective.lsep.crop_start", "larger than the token grid (4)"),
-    ("objective.lsep.encoder_depth=7", "objective.lsep.encoder_depth", "deeper than the model (6 blocks)"),
+    ("objective.lsep.encoder_depth=5", "objective.lsep.encoder_depth", "deeper than the model (4 blocks)"),
     ("objective.sra.block_out_t=9", "objective.sra.block_out_t", "deeper than the model"),
     ("objective.lsep.uncond_prb=0.5", "objective.lsep.uncond_prb", "unknown field"),
     ("optim.lr=fast", "optim.lr", "valid number"),

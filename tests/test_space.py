@@ -72,10 +72,10 @@ def test_paper_points_first():
 def test_base_config_maps_the_space_fields():
     space = load_space("digits")
     cfg = space.base_config()
-    assert (cfg.run.max_steps, cfg.run.log_every, cfg.run.seed) == (240, 40, 0)
-    assert (cfg.run.eval_every, cfg.run.eval_samples, cfg.sampling.steps, cfg.ema.warmup) == (80, 500, 16, True)
+    assert (cfg.run.max_steps, cfg.run.log_every, cfg.run.seed) == (1000, 100, 0)
+    assert (cfg.run.eval_every, cfg.run.eval_samples, cfg.sampling.steps, cfg.ema.warmup) == (500, 1000, 16, True)
     cfg.run.max_steps = 1  # a copy: the space keeps its own
-    assert space.base_config().run.max_steps == 240
+    assert space.base_config().run.max_steps == 1000
 
 
 def test_define_by_run_samples_inside_domains_and_respects_conditions():
@@ -171,13 +171,15 @@ def test_smoke_shrinks_and_stays_valid():
     cfg = smoke.base_config()
     assert (smoke.budget.num_samples, smoke.budget.max_concurrent, smoke.budget.max_steps) == (3, 2, 40)
     assert cfg.model.name == "SiT-Tiny/2" and cfg.run.max_steps == 40 and smoke.report_every == 10
-    assert cfg.run.eval_every == 10 and cfg.run.eval_samples == 100
-    assert smoke.scheduler_spec == {**space.scheduler_spec, "grace_period": 10, "max_t": 40}
+    assert cfg.run.eval_every == 20 and cfg.run.eval_samples == 100
+    assert smoke.scheduler_spec == {**space.scheduler_spec, "grace_period": 20, "max_t": 40}
     assert smoke.params == space.params and smoke.points_to_evaluate == space.points_to_evaluate
     assert smoke.source.endswith("(smoke)")
     # A space that needs more blocks than SiT-Tiny/2 has keeps the digits model.
     deep = digits_data()
+    deep["overrides"]["model.name"] = "SiT-Digits/2"  # 6 blocks; the shipped base is SiT-Tiny/2 already
     deep["params"][L + "encoder_depth"] = {"type": "int", "low": 3, "high": 6}
+    deep["points_to_evaluate"][0][L + "encoder_depth"] = 3  # the base's 2 is outside the searched range
     assert SearchSpace(deep, "deep.yaml", SPACES_DIR).smoke().base_config().model.name == "SiT-Digits/2"
 
 
@@ -198,7 +200,7 @@ def test_base_config_file_relative_to_the_space(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "mine.yaml").write_text(yaml.safe_dump(cfg))
     data = {**digits_data(), "base": {"config": "configs/mine.yaml"}}
-    assert load_space(write(tmp_path, data)).base_config().model.name == "SiT-Digits/2"
+    assert load_space(write(tmp_path, data)).base_config().model.name == "SiT-Tiny/2"
     cfg["objective"]["lsep"]["crop_start"] = 9
     (tmp_path / "configs" / "mine.yaml").write_text(yaml.safe_dump(cfg))
     with pytest.raises(SpaceError) as err:  # the base file's own mistake names the base file
@@ -222,7 +224,7 @@ BAD = [
      f"params.{L}uncond_prob.high", "less than or equal to 1"),
     ("crop larger than the grid", cond(L + "crop_start", type="choice", values=[2, 5]),
      f"params.{L}crop_start.values[1]", "larger than the token grid (4)"),
-    ("uniform on an integer field", cond(L + "encoder_depth", type="uniform", low=2, high=5),
+    ("uniform on an integer field", cond(L + "encoder_depth", type="uniform", low=2, high=4),
      f"params.{L}encoder_depth.type", "integer field needs type int"),
     ("param that is not a config field", cond(L + "uncond_prb", type="uniform", low=0.1, high=0.2),
      f"params.{L}uncond_prb", "not a config field (did you mean objective.lsep.uncond_prob?)"),
@@ -263,12 +265,12 @@ BAD = [
      f"overrides.{L}crop_start", "larger than the token grid"),
     ("override of a field the space owns", lambda d: d["overrides"].update({"run.max_steps": 10}),
      "overrides.run.max_steps", "budget.max_steps"),
-    ("evaluation off the report steps", lambda d: d["overrides"].update({"run.eval_every": 60}),
-     "overrides.run.eval_every", "multiple of report_every (40)"),
-    ("rungs that would read a stale fid", lambda d: d["overrides"].update({"run.eval_every": 120}),
+    ("evaluation off the report steps", lambda d: d["overrides"].update({"run.eval_every": 150}),
+     "overrides.run.eval_every", "multiple of report_every (100)"),
+    ("rungs that would read a stale fid", lambda d: d["overrides"].update({"run.eval_every": 300}),
      "scheduler.grace_period", "stale"),
-    ("grace period before the first report", lambda d: d["scheduler"].update(grace_period=20),
-     "scheduler.grace_period", ">= report_every (40)"),
+    ("grace period before the first report", lambda d: d["scheduler"].update(grace_period=50),
+     "scheduler.grace_period", ">= report_every (100)"),
     ("conditions in a cycle", lambda d: d["params"].update({
         "objective.sra.loss_type": {"type": "choice", "values": ["cos", "l1"], "when": {L + "weights_type": "steps"}},
         L + "weights_type": {"type": "choice", "values": ["constant", "steps"],
@@ -319,6 +321,10 @@ def test_trial_config_rejects_what_the_space_cannot_produce():
 
 def test_asha_rungs_line_up_with_evaluations():
     data = digits_data()
+    # The 240-step layout these rungs are written for: reports every 40 steps, FID every 80.
+    data.update(report_every=40)
+    data["budget"]["max_steps"] = 240
+    data["overrides"]["run.eval_every"] = 80
     data["scheduler"] = {"type": "asha", "grace_period": 80, "reduction_factor": 3}
     space = SearchSpace(data, "rf3.yaml", SPACES_DIR)  # rungs 80 (and 240 = the end): fresh fid
     assert space.scheduler_spec == {"type": "asha", "time_attr": "step", "grace_period": 80,
