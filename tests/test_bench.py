@@ -33,8 +33,17 @@ def test_bench_train_baseline_path_runs(capsys):
     assert result["flops_per_image_parts"]["lsep"] > 0
 
 
+def test_bench_times_repa_on_synthetic_encoder_tokens(capsys):
+    assert main(TINY + ["--regularizers", "lsep+repa", "--set", "objective.repa.encoder_depth=2",
+                        "--set", "objective.repa.projector_dim=32", "--set", "objective.repa.encoder_dim=16",
+                        "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["regularizers"] == "lsep+repa"
+    assert result["flops_per_image_parts"]["repa"] == 3 * 2 * 16 * (64 * 32 + 32 * 32 + 32 * 16)  # 4x4 tokens
+
+
 @pytest.mark.parametrize("extra, field", [
-    (["--regularizers", "repa"], "--regularizers"),
+    (["--regularizers", "nope"], "--regularizers"),
     (["--batch", "0"], "--batch"),
     (["--model", "SiT-Q/2"], "model.name"),
     (["--set", "objective.lsep.encoder_depth=9"], "objective.lsep.encoder_depth"),

@@ -66,13 +66,16 @@ def lsep_recompute_share(cfg: Config) -> float:
 def train_flops_per_image(cfg: Config) -> dict[str, float]:
     """{'flow': ..., 'lsep': ..., 'sra': ..., 'total': ...} FLOPs of one image's training step."""
     f = forward_parts(cfg)
-    out = {"flow": 3 * (f["embed"] + f["depth"] * f["block"] + f["final"]), "lsep": 0.0, "sra": 0.0}
-    lsep, sra = cfg.objective.lsep, cfg.objective.sra
+    out = {"flow": 3 * (f["embed"] + f["depth"] * f["block"] + f["final"]), "lsep": 0.0, "sra": 0.0, "repa": 0.0}
+    lsep, sra, repa = cfg.objective.lsep, cfg.objective.sra, cfg.objective.repa
     if lsep.enabled:
         probe = 2 * f["hidden"] * cfg.model.num_classes
         out["lsep"] = 3 * (lsep_recompute_share(cfg) * (f["embed"] + lsep.encoder_depth * f["block"]) + probe)
     if sra.enabled:
         head = 2 * f["tokens"] * 2 * sra.head_mult * f["hidden"] ** 2
         out["sra"] = f["embed"] + sra.block_out_t * f["block"] + 3 * head
-    out["total"] = out["flow"] + out["lsep"] + out["sra"]
+    if repa.enabled:  # the projector MLP on every token of the main pass (the encoder ran in preprocess)
+        p = repa.projector_dim
+        out["repa"] = 3 * 2 * f["tokens"] * (f["hidden"] * p + p * p + p * repa.encoder_dim)
+    out["total"] = out["flow"] + out["lsep"] + out["sra"] + out["repa"]
     return out

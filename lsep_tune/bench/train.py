@@ -60,7 +60,11 @@ def synthetic_data(cfg: Config, n: int) -> ArrayDataset:
     rng = np.random.default_rng(0)
     m = cfg.model
     images = rng.standard_normal((n, m.in_channels, m.input_size, m.input_size), dtype=np.float32)
-    return ArrayDataset(images, rng.integers(0, m.num_classes, n), scale=1.0)
+    extras = {}
+    if cfg.objective.repa.enabled:  # encoder tokens as preprocess --encoder stores them, one per patch
+        tokens = cfg.model.grid_size ** 2
+        extras["repa_target"] = rng.standard_normal((n, tokens, cfg.objective.repa.encoder_dim), dtype=np.float32)
+    return ArrayDataset(images, rng.integers(0, m.num_classes, n), scale=1.0, extras=extras)
 
 
 def device_name(device: torch.device) -> str:

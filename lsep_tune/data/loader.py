@@ -23,10 +23,11 @@ class ArrayDataset:
 
     read_ahead = False  # in memory: nothing to wait for
 
-    def __init__(self, images, labels, scale: float = 1.0):
+    def __init__(self, images, labels, scale: float = 1.0, extras: dict | None = None):
         if len(images) != len(labels):
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.scale = images, labels, scale
+        self.extras = extras or {}  # per-sample arrays handed to the objective, e.g. REPA's "repa_target"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -36,7 +37,8 @@ class ArrayDataset:
         x = torch.as_tensor(np.asarray(self.images[idx[order]]), dtype=torch.float32)
         y = torch.as_tensor(np.asarray(self.labels[idx[order]]), dtype=torch.long)
         inverse = torch.as_tensor(np.argsort(order, kind="stable"))
-        return x[inverse] * self.scale, y[inverse], {}
+        extras = {k: torch.as_tensor(np.asarray(v[idx[order]]))[inverse] for k, v in self.extras.items()}
+        return x[inverse] * self.scale, y[inverse], extras
 
 
 def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):
