@@ -125,15 +125,17 @@ def test_lsep_loss_weighting_constant_and_steps(digits_cfg):
     cfg = digits_cfg.objective.lsep
     sit = build_objective(digits_cfg).sit
     for weights_type in ("constant", "steps"):
-        lsep = LSEP(cfg.model_copy(update={"weights_type": weights_type, "crop_start": None}), 96, 10, 4)
+        lsep = LSEP(cfg.model_copy(update={"weights_type": weights_type, "crop_start": None}), sit.hidden_size, 10,
+                    sit.grid_size)
         x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
         batch = make_flow_batch(x, y, draws(32), "linear", "uniform", 0.0, 10)
         out = lsep(sit, batch, {}, draws(32, step=7), None)
         # Recompute by hand from the same draws.
         d = draws(32, step=7)
         y_probe = torch.where(d.rand() < cfg.uncond_prob, torch.full_like(y, 10), y)
-        _, f = sit(batch.x_t, batch.t, y_probe, return_depths=(3,), stop_at=3)
-        ce = torch.nn.functional.cross_entropy(lsep.probe(f[3].mean(1)), y, reduction="none")
+        k = cfg.encoder_depth
+        _, f = sit(batch.x_t, batch.t, y_probe, return_depths=(k,), stop_at=k)
+        ce = torch.nn.functional.cross_entropy(lsep.probe(f[k].mean(1)), y, reduction="none")
         if weights_type == "constant":
             expected = cfg.weight * ce.mean()
         else:
