@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lsep_tune.ablate import load_ablation, main, table_rows, write_tables
-from lsep_tune.config import ConfigError
+from lsep_tune.errors import InputError
 
 # On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
 # set before the module's local Ray starts, so its workers inherit it.
@@ -63,7 +63,7 @@ def test_the_shipped_arms_and_bad_files(tmp_path):
     }
     for field, change in bad.items():
         path = arms_file(tmp_path / "bad.yaml", **change)
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(InputError) as err:
             load_ablation(str(path))
         assert f": {field}: " in str(err.value) and "\n" not in str(err.value), str(err.value)
 
