@@ -234,6 +234,25 @@ def test_proxy_validity_is_the_rank_correlation_of_rungs_with_the_end():
     assert proxy_validity({k: curves[k] for k in "ab"}, 30, [10]) == {}
 
 
+def test_trial_rows_carry_the_metric_uncertainty_beside_the_metric(tmp_path):
+    """Each trial row: the metric and, where evaluation reported one, its uncertainty (fid -> fid_std)."""
+    from types import SimpleNamespace
+
+    from lsep_tune.search.report import trial_table
+    from lsep_tune.search.space import load_space
+
+    fid_space = load_space("digits")
+    result = SimpleNamespace(metrics={"trial_id": "t1", "step": 240, "fid": 330.0, "fid_std": 4.5, "isc_std": 0.1},
+                             config={"optim.lr": 1e-3}, error=None, path=str(tmp_path / "t1"))
+    unevaluated = SimpleNamespace(metrics={"trial_id": "t2", "step": 80, "fid": 400.0}, config={}, error=None,
+                                  path=str(tmp_path / "t2"))
+    rows = trial_table([result, unevaluated], fid_space)
+    assert rows[0]["metric"] == 330.0 and rows[0]["metric_std"] == 4.5 and rows[0]["status"] == "completed"
+    assert rows[1]["metric"] == 400.0 and "metric_std" not in rows[1] and rows[1]["status"] == "stopped"
+    flow = load_space(write_space(tmp_path / "s.yaml", [GOOD], num_samples=1))
+    assert "metric_std" not in trial_table([result], flow)[0]  # flow_loss has no uncertainty
+
+
 def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path, capsys):
     import ray
 
