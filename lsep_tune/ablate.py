@@ -208,6 +208,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
 
     started = time.time()
     output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)  # the default MLflow store lies in it
     seeds = list(range(spec.seed, spec.seed + spec.seeds))
     parent = tracking.create_run(
         mlflow_uri, {metric_key(f"ablation.{k}"): v for k, v in flatten(spec.model_dump()).items()},
@@ -281,21 +282,22 @@ def prepare(args):
     from lsep_tune.search.runner import TRIAL_DRIVER_CPU
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
-    name = Path(source).stem.removeprefix("ablation-")
-    output = Path(args.output) if args.output else Path("runs") / f"ablation-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (output / "summary.json").exists():
-        raise InputError("output", output, "holds an ablation already; choose another folder")
-    uri = args.mlflow_uri or tracking.default_uri(output)
-    problem = tracking.check_uri(uri)
-    if problem:
-        raise InputError("mlflow_uri", uri, problem)
-    require_writable_dir(output, "output")
     b = spec.budget
     # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
     local_cpus = max(len(os.sched_getaffinity(0)), math.ceil(
         b.max_concurrent * (b.workers_per_trial * b.cpus_per_worker + TRIAL_DRIVER_CPU)))
     if not ray_address(args.address):
         check_budget(spec, source, machine_resources(), "this machine")
+    name = Path(source).stem.removeprefix("ablation-")
+    output = Path(args.output) if args.output else Path("runs") / f"ablation-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (output / "summary.json").exists():
+        raise InputError("output", output, "holds an ablation already; choose another folder")
+    if args.mlflow_uri:  # the default store lies in the output folder, made once the run starts
+        problem = tracking.check_uri(args.mlflow_uri)
+        if problem:
+            raise InputError("mlflow_uri", args.mlflow_uri, problem)
+    require_writable_dir(output, "output")
+    uri = args.mlflow_uri or tracking.default_uri(output)
     return spec, arms, source, name, output, uri, local_cpus
 
 
