@@ -5,6 +5,8 @@ and forwards rank 0's reports to Tune (`TuneReportCallback`), so schedulers (ASH
 stop poor trials on the step-indexed metrics. The Optuna study lives in an RDB file that
 `optuna-dashboard` opens; MLflow gets one parent run per search and one nested run per trial.
 The driver owns every run's end state: a stopped trial's process is killed before it could say.
+With `confirm:` in the space, the best trials and a baseline are then trained again on fresh seeds
+(search/confirm.py) before the parent run ends, and best.yaml is the confirmed winner.
 """
 from __future__ import annotations
 
