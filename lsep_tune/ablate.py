@@ -15,6 +15,7 @@ import copy
 import csv
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,15 +25,12 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from lsep_tune import stats
-from lsep_tune.config import ConfigError, flatten, load_raw, preset_names, set_path, validate
+from lsep_tune.cluster import Placement, check_placement, ends_local_ray
+from lsep_tune.config import flatten, load_raw, preset_names, set_path, validate
+from lsep_tune.errors import InputError, OneLineParser, run_cli
 from lsep_tune.schema import StrictModel
 from lsep_tune.search.confirm import Arm, Resources, bar_chart, metric_key, run_arms, values_of
-
-SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
-# What the trainer reports at the end of a run (the eval metrics only when run.eval_every > 0).
-REPORTED = ("loss", "flow_loss", "grad_norm", "train_cost", "lsep_ce", "probe_acc", "sra_loss",
-            "fid", "fid_std", "isc_mean", "isc_std")
-EVAL_REPORTED = ("fid", "fid_std", "isc_mean", "isc_std")
+from lsep_tune.search.space import SPACES_DIR, reported_metrics
 
 
 class AblationBudget(StrictModel):
@@ -65,10 +63,16 @@ class AblationSpec(StrictModel):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v):
-        unknown = [m for m in v if m not in REPORTED]
+        known = reported_metrics()
+        unknown = [m for m in v if m not in known]
         if unknown:
-            raise ValueError(f"unknown metric {unknown[0]!r}, expected some of {', '.join(REPORTED)}")
+            raise ValueError(f"unknown metric {unknown[0]!r}, expected some of {', '.join(known)}")
         return v
+
+    @property
+    def placement(self) -> Placement:
+        b = self.budget
+        return Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
 
 
 def resolve_arms_file(name_or_path: str) -> Path:
@@ -79,20 +83,27 @@ def resolve_arms_file(name_or_path: str) -> Path:
         if candidate.is_file():
             return candidate
     shipped = sorted(p.stem.removeprefix("ablation-") for p in SPACES_DIR.glob("ablation-*.yaml"))
-    raise ConfigError(f"--arms: {name_or_path}: no such file or shipped arms ({', '.join(shipped)})")
+    raise InputError("arms", name_or_path, f"no such file or shipped arms ({', '.join(shipped)})")
 
 
 def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | None = None
                   ) -> tuple[AblationSpec, list[Arm], str]:
-    """Parse and validate the arms file and every arm's config; one-line ConfigError otherwise."""
+    """Parse and validate the arms file and every arm's config (`seeds` and `max_steps` override the
+    file's); a one-line InputError otherwise."""
+    if seeds is not None and seeds < 2:
+        raise InputError("seeds", seeds, "expected 2 or more: a confidence interval needs 2 seeds")
+    if max_steps is not None and max_steps < 1:
+        raise InputError("max_steps", max_steps, "expected a positive integer")
     path = resolve_arms_file(name_or_path)
     source = str(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except OSError as err:
-        raise ConfigError(f"{source}: cannot read: {err.strerror}") from None
+        raise InputError(source, "<file>", f"cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{source}: invalid YAML: {str(err).splitlines()[0]}") from None
+        raise InputError(source, "<file>", f"invalid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise InputError(source, "<root>", "expected a mapping with base, arms, metrics, seeds, ...")
     if seeds is not None:
         raw["seeds"] = seeds
     try:
@@ -101,33 +112,32 @@ def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | 
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "<root>"
         message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise ConfigError(f"{source}{' (--seeds)' if where == 'seeds' and seeds is not None else ''}: "
-                          f"{where}: {message}") from None
+        raise InputError(source, where, message) from None
     if "preset" in spec.base:
         if spec.base["preset"] not in preset_names():
-            raise ConfigError(f"{source}: base.preset: unknown preset {spec.base['preset']!r}, "
-                              f"expected one of {', '.join(preset_names())}")
+            raise InputError(source, "base.preset", f"unknown preset {spec.base['preset']!r}, "
+                                                    f"expected one of {', '.join(preset_names())}")
         base, _ = load_raw(preset=spec.base["preset"])
     else:
         base, _ = load_raw(path=path.parent / spec.base["config"])
     base = copy.deepcopy(base)
     overrides = dict(spec.overrides)
     if max_steps is not None:
-        if max_steps < 1:
-            raise ConfigError(f"--max-steps: {max_steps}: expected a positive integer")
         overrides["run.max_steps"] = max_steps
     fields = flatten(validate(copy.deepcopy(base), source).to_dict())
+    known = reported_metrics()
     arms = []
     for name, changes in spec.arms.items():
         data = copy.deepcopy(base)
         for where, items in (("overrides", overrides), (f"arms.{name}", changes)):
             for key, value in (items or {}).items():
                 if key not in fields:
-                    raise ConfigError(f"{source}: {where}.{key}: not a config field")
+                    raise InputError(source, f"{where}.{key}", "not a config field")
                 set_path(data, key, value)
         cfg = validate(data, f"{source} (arm {name})")
-        if cfg.run.eval_every == 0 and any(m in EVAL_REPORTED for m in spec.metrics):
-            raise ConfigError(f"{source}: arms.{name}: metrics include an evaluation metric but run.eval_every is 0")
+        if cfg.run.eval_every == 0 and any(known[m].evaluation for m in spec.metrics):
+            raise InputError(source, f"arms.{name}",
+                             "metrics include an evaluation metric but run.eval_every is 0")
         arms.append(Arm(name, dict(changes or {}), cfg, source))
     return spec, arms, source
 
@@ -198,6 +208,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
 
     started = time.time()
     output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)  # the default MLflow store lies in it
     seeds = list(range(spec.seed, spec.seed + spec.seeds))
     parent = tracking.create_run(
         mlflow_uri, {metric_key(f"ablation.{k}"): v for k, v in flatten(spec.model_dump()).items()},
@@ -218,9 +229,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
         for key in ("mean", "std", "diff", "ci_low", "ci_high"):
             if math.isfinite(r[key]):
                 numbers[metric_key("ablation", r["arm"], r["metric"], key)] = r[key]
-    from lsep_tune.search.confirm import _metrics
-
-    tracker._call(tracker._client.log_batch, parent, metrics=_metrics(numbers))
+    tracker.log_metrics(numbers, 0)
     for path in files.values():
         tracker.log_artifact(path, "ablation")
     failed = sum(1 for a in arms for s in seeds if not reports[a.name].get(s))
@@ -236,9 +245,20 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
     return summary
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lsep_tune.ablate", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def check_budget(spec: AblationSpec, source: str, resources: dict[str, float], where: str) -> None:
+    """One run of every arm must fit `resources`, or Tune would wait forever."""
+    try:
+        check_placement(spec.placement, resources, where)
+    except InputError as err:
+        field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
+        raise InputError(source, field, f"{err.field}: {err.expectation}") from None
+
+
+# ----- the command line: the only place that knows the flags ----------------------------------------
+
+def build_parser() -> OneLineParser:
+    p = OneLineParser(prog="python -m lsep_tune.ablate", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arms", default="digits", help="arms YAML file or shipped name (default: digits, "
                                                     "search_spaces/ablation-digits.yaml)")
     p.add_argument("--seeds", type=int, help="seeds per arm (overrides the file's seeds)")
@@ -246,65 +266,62 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", help="output folder (default: runs/ablation-<name>-<time>)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    return p.parse_args(argv)
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    return _main(parse_args(argv))
+# Neutral names in library errors -> the flags of this command.
+FLAGS = {"arms": "--arms", "seeds": "--seeds", "max_steps": "--max-steps", "output": "--output",
+         "mlflow_uri": "--mlflow-uri", "address": "--address"}
 
 
-def _prepare(args):
+def prepare(args):
+    """Everything checkable, before Ray starts and before anything is written."""
     from lsep_tune import tracking
-    from lsep_tune.config import require_writable_dir
+    from lsep_tune.cluster import machine_resources, ray_address
+    from lsep_tune.files import require_writable_dir
+    from lsep_tune.search.runner import TRIAL_DRIVER_CPU
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
+    b = spec.budget
+    # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
+    local_cpus = max(len(os.sched_getaffinity(0)), math.ceil(
+        b.max_concurrent * (b.workers_per_trial * b.cpus_per_worker + TRIAL_DRIVER_CPU)))
+    if not ray_address(args.address):
+        check_budget(spec, source, machine_resources(), "this machine")
     name = Path(source).stem.removeprefix("ablation-")
     output = Path(args.output) if args.output else Path("runs") / f"ablation-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (output / "summary.json").exists():
-        raise ConfigError(f"--output: {output}: holds an ablation already; choose another folder")
+        raise InputError("output", output, "holds an ablation already; choose another folder")
+    if args.mlflow_uri:  # the default store lies in the output folder, made once the run starts
+        problem = tracking.check_uri(args.mlflow_uri)
+        if problem:
+            raise InputError("mlflow_uri", args.mlflow_uri, problem)
+    require_writable_dir(output, "output")
     uri = args.mlflow_uri or tracking.default_uri(output)
-    problem = tracking.check_uri(uri)
-    if problem:
-        raise ConfigError(f"--mlflow-uri: {uri}: {problem}")
-    require_writable_dir(output, "--output")
-    return spec, arms, name, output, uri
+    return spec, arms, source, name, output, uri, local_cpus
 
 
-def _connect(args, spec: AblationSpec) -> None:
-    import os
-
-    from lsep_tune.search.runner import TRIAL_DRIVER_CPU
-    from lsep_tune.train.distributed import Placement, check_placement, connect_ray
-
-    b = spec.budget
-    need = math.ceil(b.max_concurrent * (b.workers_per_trial * b.cpus_per_worker + TRIAL_DRIVER_CPU))
-    args.started_ray = connect_ray(args.address, num_cpus=max(os.cpu_count() or 1, need))
-    check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
-                    cpu_field="budget.workers_per_trial", gpu_field="budget.gpus_per_worker")
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(lambda: _ablate(build_parser().parse_args(argv)), FLAGS)
 
 
-def _main(args: argparse.Namespace) -> int:
-    from lsep_tune.train.distributed import ends_local_ray
+@ends_local_ray
+def _ablate(args: argparse.Namespace) -> int:
+    import ray
 
-    @ends_local_ray
-    def body(args):
-        try:
-            spec, arms, name, output, uri = _prepare(args)  # everything checkable before Ray starts
-            _connect(args, spec)
-        except ConfigError as err:
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        from lsep_tune.tracking import ui_command
+    from lsep_tune.cluster import connect_ray
+    from lsep_tune.tracking import ui_command
 
-        summary = run_ablation(spec, arms, output, uri, name)
-        print((output / "table.md").read_text())
-        print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
-              f"{summary['wall_time_s']:.0f} s")
-        print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; chart: {output / 'bars.png'}")
-        print(f"MLflow: {ui_command(uri)}")
-        return 0 if summary["failed_runs"] < len(arms) * len(summary["seeds"]) else 1
-
-    return body(args)
+    spec, arms, source, name, output, uri, local_cpus = prepare(args)
+    args.started_ray = connect_ray(args.address, num_cpus=local_cpus)
+    check_budget(spec, source, ray.cluster_resources(), "the cluster")
+    summary = run_ablation(spec, arms, output, uri, name)
+    print((output / "table.md").read_text())
+    print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
+          f"{summary['wall_time_s']:.0f} s")
+    print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; chart: {output / 'bars.png'}")
+    print(f"MLflow: {ui_command(uri)}")
+    return 0 if summary["failed_runs"] < len(arms) * len(summary["seeds"]) else 1
 
 
 if __name__ == "__main__":

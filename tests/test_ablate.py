@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from lsep_tune.ablate import load_ablation, main, table_rows, write_tables
-from lsep_tune.config import ConfigError
+from lsep_tune.errors import InputError
 
 # On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
 # set before the module's local Ray starts, so its workers inherit it.
@@ -63,7 +63,7 @@ def test_the_shipped_arms_and_bad_files(tmp_path):
     }
     for field, change in bad.items():
         path = arms_file(tmp_path / "bad.yaml", **change)
-        with pytest.raises(ConfigError) as err:
+        with pytest.raises(InputError) as err:
             load_ablation(str(path))
         assert f": {field}: " in str(err.value) and "\n" not in str(err.value), str(err.value)
 
@@ -72,9 +72,21 @@ def test_cli_bad_input_exits_2_before_anything(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--arms", str(arms_file(tmp_path / "a.yaml", seeds=1)), "--output", str(out)]) == 2
     assert main(["--arms", "nosuch", "--output", str(out)]) == 2
+    assert main(["--arms", str(arms_file(tmp_path / "b.yaml")), "--seeds", "1", "--output", str(out)]) == 2
+    big = arms_file(tmp_path / "big.yaml", budget={"workers_per_trial": 1, "cpus_per_worker": (os.cpu_count() or 1) * 8})
+    assert main(["--arms", str(big), "--output", str(out)]) == 2
+    assert main(["--arms", "digits", "--max-steps", "0", "--output", str(out), "--no-such-flag"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 2 and all(line.startswith("error: ") for line in err)
+    assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
+    assert err[0].startswith(f"error: {tmp_path / 'a.yaml'}: seeds: ")
+    assert err[1].startswith("error: --arms: nosuch: no such file or shipped arms (digits)")
+    assert err[2].startswith("error: --seeds: 1: expected 2 or more")  # the flag the user typed
+    assert err[3].startswith(f"error: {big}: budget.workers_per_trial: ")
+    assert err[4].startswith("error: command line: arguments: unrecognized arguments: --no-such-flag")
     assert not out.exists()
+    import ray
+
+    assert not ray.is_initialized()  # refused before Ray started
 
 
 @pytest.mark.slow
@@ -103,6 +115,7 @@ def test_ablation_trains_arms_x_seeds_and_writes_the_table(tmp_path, ray_local, 
     children = client.search_runs([parent.info.experiment_id],
                                   filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     assert len(children) == 4 and {c.data.tags["lsep_tune.role"] for c in children} == {"ablation"}
+    assert all(c.info.status == "FINISHED" and c.info.end_time for c in children)  # their true end state
     assert sorted((c.data.tags["lsep_tune.arm"], c.data.tags["lsep_tune.seed"]) for c in children) == [
         ("lsep", "0"), ("lsep", "1"), ("none", "0"), ("none", "1")]
     assert "ablation_lsep_flow_loss_ci_high" in parent.data.metrics and parent.info.status == "FINISHED"

@@ -6,9 +6,9 @@ import os
 import pytest
 import yaml
 
-from lsep_tune.config import ConfigError
+from lsep_tune.errors import InputError
 from lsep_tune.search.confirm import ROLE_TAG, ConfirmConfig, confirm_search, top_configurations
-from lsep_tune.search.space import SearchSpace
+from lsep_tune.search.space import SearchSpace, SpaceError
 from lsep_tune.stats import NO_DIFFERENCE
 
 # On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
@@ -21,7 +21,7 @@ TINY = {
 }
 
 
-def tiny_space(points, confirm) -> SearchSpace:
+def tiny_space(points, confirm=None) -> SearchSpace:
     return SearchSpace.from_dict({
         "base": {"preset": "digits"},
         "overrides": TINY,
@@ -35,6 +35,7 @@ def tiny_space(points, confirm) -> SearchSpace:
         "report_every": 10,
         "seed": 0,
         "points_to_evaluate": points,
+        **({"confirm": confirm} if confirm is not None else {}),
     }, "tiny.yaml")
 
 
@@ -52,18 +53,31 @@ def row(trial_id, params, metric):
     return {"id": trial_id, "status": "completed", "params": params, "metric": metric, "step": 30, "error": None}
 
 
-def test_confirm_config_keys_and_fresh_seeds():
-    c = ConfirmConfig.parse({"top_k": 2, "seeds": 3}, "s.yaml")
+def test_confirm_key_of_a_space_file_and_fresh_seeds():
+    c = tiny_space([], {"top_k": 2, "seeds": 3}).confirm
     assert c.baseline == "first_point" and c.fresh_seeds({0}) == [1000, 1001, 1002]
-    assert ConfirmConfig.parse(None, "s.yaml") is None
-    assert ConfirmConfig.parse({"seeds": [5, 6], "baseline": {"optim.lr": 1e-3}}, "s.yaml").fresh_seeds({0}) == [5, 6]
+    assert tiny_space([]).confirm is None and "confirm" not in tiny_space([]).to_dict()
+    space = tiny_space([], {"seeds": [5, 6], "baseline": {"optim.lr": 1e-3}})
+    assert space.confirm.fresh_seeds({0}) == [5, 6]
+    # a baseline mapping is completed like a known-good point: a param it leaves out takes the base value
+    assert space.confirm.baseline == {"optim.lr": 1e-3, "sampling.cfg_scale": 1.0}
+    logged = space.to_dict()
+    assert logged["confirm"] == {"top_k": 2, "seeds": [5, 6], "baseline": {"optim.lr": 1e-3, "sampling.cfg_scale": 1.0}}
+    assert SearchSpace.from_dict(logged, "again.yaml").confirm == space.confirm  # parses back
+    smoke = tiny_space([], {"top_k": 3, "seeds": [5, 6, 7]}).smoke().confirm
+    assert (smoke.top_k, smoke.seeds) == (1, [5, 6])
+    assert tiny_space([], {"top_k": 3, "seeds": 4}).smoke().confirm.seeds == 2
     for raw, field in (({"seeds": 1}, "confirm.seeds"), ({"top_k": 0}, "confirm.top_k"),
-                       ({"topk": 2}, "confirm.topk"), ({"baseline": "best"}, "confirm.baseline")):
-        with pytest.raises(ConfigError) as err:
-            ConfirmConfig.parse(raw, "s.yaml")
-        assert str(err.value).startswith(f"s.yaml: {field}: ") and "\n" not in str(err.value)
-    with pytest.raises(ConfigError, match="confirm.seeds: \\[0\\] were used by the search"):
-        ConfirmConfig.parse({"seeds": [0, 1]}, "s.yaml").fresh_seeds({0}, "s.yaml")
+                       ({"topk": 2}, "confirm.topk"), ({"baseline": "best"}, "confirm.baseline"),
+                       ({"seeds": [3, 3]}, "confirm.seeds"),
+                       ({"baseline": {"optim.lr": 1.0}}, "confirm.baseline.optim.lr"),
+                       ({"baseline": {"optim.lrr": 1e-3}}, "confirm.baseline.optim.lrr"),
+                       ({"seeds": [0, 1]}, "confirm.seeds")):  # 0: the search's own training seed
+        with pytest.raises(SpaceError) as err:
+            tiny_space([], raw)
+        assert str(err.value).startswith(f"tiny.yaml: {field}: ") and "\n" not in str(err.value), str(err.value)
+    with pytest.raises(InputError, match="confirm.seeds: \\[0\\] were used by the search"):
+        ConfirmConfig(seeds=[0, 1]).fresh_seeds({0}, "s.yaml")
 
 
 def test_top_configurations_prefers_finished_trials_and_skips_duplicates():

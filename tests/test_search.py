@@ -20,7 +20,7 @@ GOOD = {"optim.lr": 2e-3}
 
 
 def write_space(path: Path, points, num_samples: int, max_concurrent: int = 2, max_steps: int = 40,
-                scheduler=None, report_every: int = 5, overrides=None) -> Path:
+                scheduler=None, report_every: int = 5, overrides=None, confirm=None) -> Path:
     space = {
         "description": "test space",
         "base": {"preset": "digits"},
@@ -35,6 +35,7 @@ def write_space(path: Path, points, num_samples: int, max_concurrent: int = 2, m
         "report_every": report_every,
         "seed": 0,
         "points_to_evaluate": points,
+        **({"confirm": confirm} if confirm else {}),
     }
     path.write_text(yaml.safe_dump(space, sort_keys=False))
     return path
@@ -123,6 +124,43 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     from lsep_tune.train.__main__ import main as train_main
 
     assert train_main(["--config", str(out / "best.yaml"), "--max-steps", "2", "--output", str(tmp_path / "rerun")]) == 0
+
+
+@pytest.mark.slow
+def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path, capsys):
+    """A search with `confirm:`: the best trial and the baseline (the first point) are trained again
+    on fresh seeds as nested runs of the search, summary.json holds the confirmation, best.yaml is its
+    winner, and the console prints the verdict."""
+    from lsep_tune.search.confirm import ROLE_TAG
+
+    space = write_space(tmp_path / "space.yaml", [{"optim.lr": 1e-8}, GOOD], num_samples=2, max_steps=20,
+                        scheduler={"type": "none"}, report_every=10,
+                        confirm={"top_k": 1, "seeds": 2, "baseline": "first_point"})
+    out = tmp_path / "search"
+    assert main(["--space", str(space), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    summary = json.loads((out / "summary.json").read_text())
+    c = summary["confirmation"]
+    assert c["seeds"] == [1000, 1001] and [x["name"] for x in c["configs"]] == ["baseline", "top1"]
+    base, top = c["configs"]
+    assert base["params"] == {"optim.lr": 1e-8, "objective.lsep.uncond_prob": 0.9}
+    assert base["origin"] == "points_to_evaluate[0]" and top["origin"] == f"trial {summary['best_trial']}"
+    assert top["params"] == summary["best_params"] and len(top["values"]) == 2
+    assert {"mean", "ci_low", "ci_high"} <= set(top["difference"]) and c["verdict"]
+    assert f"confirmation: {c['verdict']}" in printed
+    winner = next(x for x in c["configs"] if x["name"] == c["winner"])
+    assert yaml.safe_load((out / "best.yaml").read_text())["optim"]["lr"] == winner["params"]["optim.lr"]
+    assert summary["best_config"]["optim"]["lr"] == winner["params"]["optim.lr"]
+
+    client, parent, children = child_runs(summary)
+    confirmation = [r for r in children if r.data.tags.get(ROLE_TAG) == "confirmation"]
+    assert len(children) == 2 + 4 and len(confirmation) == 4
+    assert all(r.info.status == "FINISHED" and r.info.end_time for r in children)
+    assert sorted(r.info.run_name for r in confirmation) == [
+        "confirmation: baseline, seed 1000", "confirmation: baseline, seed 1001",
+        "confirmation: top1, seed 1000", "confirmation: top1, seed 1001"]
+    assert parent.info.status == "FINISHED" and "confirm_top1_flow_loss_ci_high" in parent.data.metrics
+    assert parent.data.tags["confirm.winner"] == c["winner"]
 
 
 @pytest.mark.slow
@@ -232,6 +270,25 @@ def test_proxy_validity_is_the_rank_correlation_of_rungs_with_the_end():
     assert proxy_validity(curves, 30, [10, 20]) == {10: 0.8, 20: -1.0}
     # Fewer than three trials with a value at a step: no figure for that step.
     assert proxy_validity({k: curves[k] for k in "ab"}, 30, [10]) == {}
+
+
+def test_trial_rows_carry_the_metric_uncertainty_beside_the_metric(tmp_path):
+    """Each trial row: the metric and, where evaluation reported one, its uncertainty (fid -> fid_std)."""
+    from types import SimpleNamespace
+
+    from lsep_tune.search.report import trial_table
+    from lsep_tune.search.space import load_space
+
+    fid_space = load_space("digits")
+    result = SimpleNamespace(metrics={"trial_id": "t1", "step": 240, "fid": 330.0, "fid_std": 4.5, "isc_std": 0.1},
+                             config={"optim.lr": 1e-3}, error=None, path=str(tmp_path / "t1"))
+    unevaluated = SimpleNamespace(metrics={"trial_id": "t2", "step": 80, "fid": 400.0}, config={}, error=None,
+                                  path=str(tmp_path / "t2"))
+    rows = trial_table([result, unevaluated], fid_space)
+    assert rows[0]["metric"] == 330.0 and rows[0]["metric_std"] == 4.5 and rows[0]["status"] == "completed"
+    assert rows[1]["metric"] == 400.0 and "metric_std" not in rows[1] and rows[1]["status"] == "stopped"
+    flow = load_space(write_space(tmp_path / "s.yaml", [GOOD], num_samples=1))
+    assert "metric_std" not in trial_table([result], flow)[0]  # flow_loss has no uncertainty
 
 
 def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path, capsys):

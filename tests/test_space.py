@@ -237,6 +237,8 @@ BAD = [
      "params.objective.sra.t_max.when.objective.sra.enabled", "never holds"),
     ("metric the trainer never reports", lambda d: d.update(metric={"name": "accuracy", "mode": "max"}),
      "metric.name", "'accuracy' is never reported by the trainer"),
+    ("an uncertainty as the objective", lambda d: d.update(metric={"name": "fid_std", "mode": "min"}),
+     "metric.name", "fid_std is the uncertainty of fid, not an objective"),
     ("metric of a disabled regularizer", lambda d: d.update(metric={"name": "sra_loss"}),
      "metric.name", "objective.sra.enabled is true in every trial"),
     ("fid without evaluation", lambda d: d["overrides"].update({"run.eval_every": 0}),

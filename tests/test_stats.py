@@ -120,7 +120,7 @@ def test_in_training_evaluation_uses_common_random_numbers(digits_cfg):
     import torch
 
     from lsep_tune.train.loop import build_objective
-    from lsep_tune.train.samples import evaluate_samples
+    from lsep_tune.evaluation.in_training import evaluate_samples
 
     cfg = digits_cfg.model_copy(update={"sampling": digits_cfg.sampling.model_copy(update={"steps": 2})})
     torch.manual_seed(0)

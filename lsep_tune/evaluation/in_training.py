@@ -11,8 +11,10 @@ import torch
 
 from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED, generate
 
-# What an in-training evaluation reports, and the direction in which each improves.
-EVAL_METRICS = {"fid": "min", "isc_mean": "max"}
+# What an in-training evaluation reports, and the direction in which each improves. The std keys
+# have none: they are each metric's uncertainty (UNCERTAINTY_OF), reported beside it, not objectives.
+EVAL_METRICS = {"fid": "min", "fid_std": None, "isc_mean": "max", "isc_std": None}
+UNCERTAINTY_OF = {"fid_std": "fid", "isc_std": "isc_mean"}
 
 
 @torch.no_grad()
@@ -27,11 +29,13 @@ def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int
 
 
 def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = DEFAULT_SEED) -> dict[str, float]:
-    """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference."""
+    """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference, each
+    with its uncertainty: the FID's bootstrap spread over the samples and the IS's spread over splits."""
     from lsep_tune.evaluation import compute_metrics
+    from lsep_tune.evaluation.uncertainty import FID_BOOTSTRAPS
 
     images = sample_images(sit, cfg, device, n or cfg.run.eval_samples, seed)
     out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
                           extractor_weights=cfg.run.eval_extractor_weights,
-                          cuda=torch.device(device).type == "cuda")
+                          cuda=torch.device(device).type == "cuda", fid_bootstraps=FID_BOOTSTRAPS)
     return {k: out[k] for k in EVAL_METRICS if k in out}

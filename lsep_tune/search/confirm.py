@@ -17,63 +17,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import Field, field_validator
+from ray.tune import Callback
 
 from lsep_tune import stats, tracking
-from lsep_tune.config import Config, ConfigError, dump_config, validate
-from lsep_tune.schema import StrictModel
+from lsep_tune.config import Config, dump_config, validate
+from lsep_tune.search.schema import ConfirmConfig
 
 ROLE_TAG = "lsep_tune.role"
 ARM_TAG = "lsep_tune.arm"
 SEED_TAG = "lsep_tune.seed"
-FRESH_SEED_OFFSET = 1000  # confirmation seeds start here above the search's seed: never one it trained
 BASELINE = "baseline"
-
-
-class ConfirmConfig(StrictModel):
-    """The space file's `confirm:` mapping."""
-
-    top_k: int = Field(2, ge=1, description="how many of the search's best configurations to train again")
-    seeds: int | list[int] = Field(3, description="fresh training seeds: a count, or the seeds themselves")
-    baseline: Literal["first_point", "base"] | dict[str, Any] = Field(
-        "first_point", description="first_point: points_to_evaluate[0] (the base when there is none); "
-                                   "base: the base config; or a mapping of searched fields to values")
-
-    @field_validator("seeds")
-    @classmethod
-    def _enough_seeds(cls, v):
-        count = v if isinstance(v, int) else len(v)
-        if count < 2:
-            raise ValueError("a confidence interval needs at least 2 seeds")
-        if isinstance(v, list) and len(set(v)) != len(v):
-            raise ValueError("seeds must differ from each other")
-        return v
-
-    def fresh_seeds(self, used: set[int], source: str = "confirm") -> list[int]:
-        """The seeds to train; explicit ones the search already trained with are refused."""
-        if isinstance(self.seeds, list):
-            clash = sorted(set(self.seeds) & used)
-            if clash:
-                raise ConfigError(f"{source}: confirm.seeds: {clash} were used by the search; expected fresh seeds")
-            return list(self.seeds)
-        start = max(used, default=0) + FRESH_SEED_OFFSET
-        return list(range(start, start + self.seeds))
-
-    @classmethod
-    def parse(cls, raw: Any, source: str) -> "ConfirmConfig | None":
-        """None when the space has no `confirm:`; a one-line ConfigError when it is malformed."""
-        from pydantic import ValidationError
-
-        if raw is None:
-            return None
-        try:
-            return cls.model_validate(raw)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where = f"confirm.{first['loc'][0]}" if first["loc"] else "confirm"
-            raise ConfigError(f"{source}: {where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 # ----- the engine: named configurations x seeds as Tune trials ----------------------------------
@@ -112,30 +67,67 @@ class ArmSpace:
         data["run"]["seed"] = int(tune_config["seed"])
         return validate(data, f"arm {tune_config['arm']} seed {tune_config['seed']}")
 
+    def max_steps(self, tune_config: dict) -> int:
+        return self.arms[tune_config["arm"]].config.run.max_steps
+
+
+def open_arm_run(paths, trial_id: str, space: ArmSpace, tune_config: dict, role: str) -> str:
+    """The (arm, seed) trial's nested MLflow run, made (or found again) with its role, arm and seed tags."""
+    from lsep_tune.search.runner import child_run_id
+
+    arm, seed = tune_config["arm"], tune_config["seed"]
+    run_id = child_run_id(paths, trial_id, space.trial_config(tune_config), tune_config, trial_id)
+    tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(
+        {ROLE_TAG: role, ARM_TAG: arm, SEED_TAG: seed, "mlflow.runName": f"{role}: {arm}, seed {seed}"})
+    return run_id
+
+
+class ArmRuns(Callback):
+    """The driver's side of the arms' MLflow runs, as the search's TrialRuns: made when a trial starts,
+    ended in the state it reached (FINISHED trained to the end, KILLED stopped early, FAILED)."""
+
+    def __init__(self, paths, space: ArmSpace, role: str):
+        self.paths, self.space, self.role = paths, space, role
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        try:
+            open_arm_run(self.paths, trial.trial_id, self.space, trial.config, self.role)
+        except Exception as err:  # tracking never stops the runs; the trial makes its run itself
+            print(f"warning: could not make the MLflow run of {self.role} trial {trial.trial_id} "
+                  f"({type(err).__name__}: {err})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        from lsep_tune.search.runner import end_run
+
+        step = (trial.last_result or {}).get("step", 0)
+        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.max_steps(trial.config) else "KILLED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        from lsep_tune.search.runner import end_run
+
+        end_run(self.paths, trial.trial_id, "FAILED")
+
 
 def _trial(tune_config: dict, space: ArmSpace, paths, role: str) -> None:
     """One (arm, seed) Tune trial through the search's trial function: the adapter to re-point
-    if that function moves. The nested MLflow run is created first so it carries the role tags."""
+    if that function moves."""
     from ray import tune
 
-    from lsep_tune.search.runner import child_run_id, trial_main
+    from lsep_tune.search.runner import trial_main
 
-    ctx = tune.get_context()
-    run_id = child_run_id(paths, ctx.get_trial_id(), ctx.get_trial_name(), space.trial_config(tune_config),
-                          tune_config)
-    tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(
-        {ROLE_TAG: role, ARM_TAG: tune_config["arm"], SEED_TAG: tune_config["seed"]})
+    open_arm_run(paths, tune.get_context().get_trial_id(), space, tune_config, role)
     trial_main(tune_config, space=space, paths=paths)
 
 
 def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, role: str) -> dict[str, dict[int, dict]]:
     """Train every arm on every seed (Ray must be connected); returns {arm: {seed: last report}},
-    where a failed or diverged run's report is {} (no value)."""
+    where a failed or diverged run's report is {} (no value). Every run ends in its true MLflow state;
+    one still open when this returns or raises (never started, interrupted) ends KILLED."""
     import os
 
     from ray import tune
 
-    from lsep_tune.search.runner import TRIAL_DRIVER_CPU
+    from lsep_tune.search.runner import TRIAL_DRIVER_CPU, end_unfinished_runs
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)
@@ -149,17 +141,21 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
         run_config=tune.RunConfig(name=role, storage_path=str(paths.tune_root),
                                   # once more after a lost worker (e.g. a node out of memory); it
                                   # resumes from its checkpoint into the same MLflow run
-                                  failure_config=tune.FailureConfig(max_failures=1)),
+                                  failure_config=tune.FailureConfig(max_failures=1),
+                                  callbacks=[ArmRuns(paths, space, role)]),
     )
     try:
-        results = tuner.fit()
-    except Exception as err:  # noqa: BLE001 - Tune's own loop dies when a node runs out of memory
-        folder = str(paths.tune_root / role)
-        if not tune.Tuner.can_restore(folder):
-            raise
-        print(f"note: the {role} runs were interrupted ({type(err).__name__}); resuming the unfinished ones")
-        results = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True,
-                                     resume_errored=True).fit()
+        try:
+            results = tuner.fit()
+        except Exception as err:  # noqa: BLE001 - Tune's own loop dies when a node runs out of memory
+            folder = str(paths.tune_root / role)
+            if not tune.Tuner.can_restore(folder):
+                raise
+            print(f"note: the {role} runs were interrupted ({type(err).__name__}); resuming the unfinished ones")
+            results = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True,
+                                         resume_errored=True).fit()
+    finally:
+        end_unfinished_runs(paths, "KILLED")
     out: dict[str, dict[int, dict]] = {a.name: {} for a in arms}
     for res in results:
         cfg = res.config or {}
@@ -278,22 +274,13 @@ def _log_to_parent(confirmation: dict, paths, metric: str) -> None:
             d = (c.get("difference") or {}).get(key)
             if d is not None:
                 numbers[metric_key("confirm", c["name"], metric, "diff" if key == "mean" else key)] = d
-    parent._call(parent._client.log_batch, parent.run_id, metrics=_metrics(numbers))
+    parent.log_metrics(numbers, 0)
     parent.set_tags({"confirm.winner": confirmation["winner"], "confirm.verdict": confirmation["verdict"][:5000]})
     table = {metric: {c["name"]: [math.nan if v is None else v for v in c["values"]] for c in confirmation["configs"]}}
     chart = bar_chart(table, folder / "confirmation.png", f"confirmation on {len(confirmation['seeds'])} fresh seeds")
     (folder / "confirmation.json").write_text(json.dumps(confirmation, indent=2) + "\n")
     parent.log_artifact(chart, "confirmation")
     parent.log_artifact(folder / "confirmation.json", "confirmation")
-
-
-def _metrics(numbers: dict[str, float]):
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, float(v), now, 0) for k, v in numbers.items()]
 
 
 # ----- wiring into a search -------------------------------------------------------------------------
@@ -347,7 +334,7 @@ def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> d
     arms = [Arm(BASELINE, base_params, baseline_cfg, origin)]
     for i, row in enumerate(candidates, 1):
         arms.append(Arm(f"top{i}", dict(row["params"]), space.trial_config(row["params"]), f"trial {row['id']}"))
-    seeds = settings.fresh_seeds({int(space.base_config().run.seed)}, space.source)
+    seeds = settings.fresh_seeds(space.training_seeds(), space.source)
     b = space.budget
     resources = Resources(b.workers_per_trial, b.cpus_per_worker, b.gpus_per_worker, b.max_failures, b.max_concurrent)
     sub = SearchPaths(Path(paths.output) / "confirmation", paths.mlflow_uri, paths.parent_run_id)

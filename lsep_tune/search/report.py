@@ -10,20 +10,32 @@ PROXY_WARNING = 0.5  # below this rank correlation, stopping trials at a rung is
 
 
 def trial_table(results, space) -> list[dict]:
+    """One row per trial; a metric with an uncertainty (fid -> fid_std) gets it beside it, `metric_std`."""
     rows = []
     metric = space.metric_names[0]
+    stds = uncertainties()
     for res in results:
         last = res.metrics or {}
         trial_id = last.get("trial_id") or Path(res.path).name
-        rows.append({
+        row = {
             "id": trial_id,
             "status": "failed" if res.error else ("stopped" if last.get("step", 0) < space.budget.max_steps else "completed"),
             "params": {k: v for k, v in (res.config or {}).items()},
             "metric": {m: last.get(m) for m in space.metric_names} if len(space.metric_names) > 1 else last.get(metric),
-            "step": last.get("step"),
-            "error": str(res.error).splitlines()[-1][:300] if res.error else None,
-        })
+        }
+        spread = {m: last[stds[m]] for m in space.metric_names if m in stds and last.get(stds[m]) is not None}
+        if spread:
+            row["metric_std"] = spread if len(space.metric_names) > 1 else spread[metric]
+        row.update(step=last.get("step"), error=str(res.error).splitlines()[-1][:300] if res.error else None)
+        rows.append(row)
     return rows
+
+
+def uncertainties() -> dict[str, str]:
+    """{metric: the key of its uncertainty}, e.g. fid -> fid_std, from what the trainer reports."""
+    from lsep_tune.search.space import reported_metrics
+
+    return {r.uncertainty_of: name for name, r in reported_metrics().items() if r.uncertainty_of}
 
 
 def best_trial(rows: list[dict], space) -> dict | None:
@@ -133,6 +145,11 @@ def print_summary(summary: dict, output: Path, ui_command: str) -> None:
         print(f"best {summary['metric']}: {shown} (trial {summary['best_trial']})")
         for key, value in sorted(summary["best_params"].items()):
             print(f"  {key} = {value}")
+        confirmation = summary.get("confirmation")
+        if confirmation:
+            print(f"confirmation: {confirmation['verdict']}")
+            if confirmation["winner"] == confirmation["baseline"]:
+                print(f"best.yaml holds the baseline ({confirmation['configs'][0]['origin']}), not the search's best trial")
         print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")
     else:
         print("no trial finished with a metric")

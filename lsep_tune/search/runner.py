@@ -5,9 +5,12 @@ and forwards rank 0's reports to Tune (`TuneReportCallback`), so schedulers (ASH
 stop poor trials on the step-indexed metrics. The Optuna study lives in an RDB file that
 `optuna-dashboard` opens; MLflow gets one parent run per search and one nested run per trial.
 The driver owns every run's end state: a stopped trial's process is killed before it could say.
+With `confirm:` in the space, the best trials and a baseline are then trained again on fresh seeds
+(search/confirm.py) before the parent run ends, and best.yaml is the confirmed winner.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -148,6 +151,17 @@ def end_unfinished_runs(paths: SearchPaths, status: str) -> None:
         client.set_terminated(run.info.run_id, status)
 
 
+@contextlib.contextmanager
+def ends_killed_on_error(paths: SearchPaths, parent_tracker):
+    """An interrupted or crashed search ends its open trial runs and its parent run KILLED."""
+    try:
+        yield
+    except BaseException:
+        end_unfinished_runs(paths, "KILLED")
+        parent_tracker.finish("KILLED")
+        raise
+
+
 def parent_run_name(output: Path) -> str:
     return output.name if output.name.startswith("search") else f"search-{output.name}"
 
@@ -177,16 +191,18 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     space_file = output / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     parent_tracker.log_artifact(space_file)
-    try:
+    with ends_killed_on_error(paths, parent_tracker):
         results = fit(space, paths, resume)
-    except BaseException:
-        end_unfinished_runs(paths, "KILLED")
-        parent_tracker.finish("KILLED")
-        raise
     end_unfinished_runs(paths, "KILLED")
     rows = report.trial_table(results, space)
     single = len(space.metric_names) == 1
     best = report.best_trial(rows, space)
+    confirmation = None
+    if best and space.confirm:  # trained again on fresh seeds; writes best.yaml as the confirmed winner
+        from lsep_tune.search.confirm import confirm_search
+
+        with ends_killed_on_error(paths, parent_tracker):
+            confirmation = confirm_search(space, rows, paths, space.confirm)
     study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
     summary = {
         "space": space.source,
@@ -213,9 +229,12 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
             parent_tracker.log_metrics({"proxy_validity": rho}, step)
     else:
         summary["pareto_front"] = report.pareto_front(study)
+    if confirmation:
+        summary["confirmation"] = confirmation
     if best:
-        best_cfg = space.trial_config(best["params"])
-        dump_config(best_cfg, output / "best.yaml")
+        best_cfg = space.trial_config(confirmation["winner_params"] if confirmation else best["params"])
+        if not confirmation:
+            dump_config(best_cfg, output / "best.yaml")
         summary["best_config"] = best_cfg.to_dict()
         summary["best_yaml"] = str(output / "best.yaml")
         parent_tracker.log_artifact(output / "best.yaml")

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, Union
 import optuna.distributions as od
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
 
+from lsep_tune.errors import InputError
 from lsep_tune.schema import FieldError
 
 Scalar = Union[StrictBool, int, float, str, None]
@@ -254,6 +255,40 @@ class Budget(Strict):
         return self.gpus_per_worker > 0
 
 
+FRESH_SEED_OFFSET = 1000  # confirmation seeds start this far above the search's: never one it trained
+
+
+class ConfirmConfig(Strict):
+    """`confirm:`: after the search, the top configurations and a baseline trained again on fresh seeds
+    (search/confirm.py)."""
+
+    top_k: int = Field(2, ge=1, description="how many of the search's best configurations to train again")
+    seeds: int | list[int] = Field(3, description="fresh training seeds: a count, or the seeds themselves")
+    baseline: Literal["first_point", "base"] | dict[str, Any] = Field(
+        "first_point", description="first_point: points_to_evaluate[0] (the base when there is none); "
+                                   "base: the base config; or a mapping of searched fields to values")
+
+    @model_validator(mode="after")
+    def _enough_seeds(self):
+        count = self.seeds if isinstance(self.seeds, int) else len(self.seeds)
+        if count < 2:
+            raise FieldError("seeds", f"a confidence interval needs at least 2 seeds (got {self.seeds})")
+        if isinstance(self.seeds, list) and len(set(self.seeds)) != len(self.seeds):
+            raise FieldError("seeds", f"expected different seeds (got {self.seeds})")
+        return self
+
+    def fresh_seeds(self, used: set[int], source: str = "confirm") -> list[int]:
+        """The seeds to train: explicit ones (refused where the search trained with one), else
+        `seeds` of them well above any seed the search used."""
+        if isinstance(self.seeds, list):
+            clash = sorted(set(self.seeds) & used)
+            if clash:
+                raise InputError(source, "confirm.seeds", f"{clash} were used by the search; expected fresh seeds")
+            return list(self.seeds)
+        start = max(used, default=0) + FRESH_SEED_OFFSET
+        return list(range(start, start + self.seeds))
+
+
 class SpaceFile(Strict):
     """The top level of a space file; `params`, `searcher` and `scheduler` are validated one by one
     (space.py), so that an error names the param and the kind of searcher or scheduler."""
@@ -269,6 +304,7 @@ class SpaceFile(Strict):
     report_every: int | None = Field(None, ge=1)
     seed: int = 0
     points_to_evaluate: list[dict[str, Any]] | None = None
+    confirm: dict[str, Any] | None = None  # read as ConfirmConfig, once the params are known
 
 
 TAGGED = {cls.model_fields["type"].annotation.__args__[0]: cls
@@ -290,7 +326,8 @@ def problem(err: ValidationError, noun: str = "type", tag: Any = None, model: ty
     """(dotted field, expectation) for the first error, worded for a person editing the YAML."""
     e = err.errors()[0]
     ctx = e.get("ctx") or {}
-    loc = [str(p) for p in e["loc"]]
+    # a union names the member that failed in the location (seeds.int, baseline.literal[...]): not a key
+    loc = [str(p) for p in e["loc"] if not (str(p) in ("int", "float", "str", "bool") or "[" in str(p))]
     if loc and loc[0] == tag:
         loc = loc[1:]  # the union's tag (validated one item at a time) is not a key of the file
     if isinstance(ctx.get("error"), FieldError):

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from lsep_tune.errors import InputError
 from lsep_tune.config import Config, RunConfig, explain, load_raw, preset_names, set_path, validate
 from lsep_tune.search.schema import (
-    PARAM, SCHEDULER, SEARCHER, Metric, SpaceFile, contains, problem, same, suggest,
+    PARAM, SCHEDULER, SEARCHER, ConfirmConfig, Metric, SpaceFile, contains, problem, same, suggest,
 )
 
 # Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
@@ -57,12 +57,14 @@ def _show(value: Any) -> str:
 
 @dataclass(frozen=True)
 class Reported:
-    """A metric the trainer reports: the direction in which it improves (None: neither is a mistake)
-    and when it is reported: always, only with a regularizer enabled, or only with in-training evaluation."""
+    """A metric the trainer reports: the direction in which it improves (None: neither is a mistake),
+    when it is reported (always, only with a regularizer enabled, or only with in-training evaluation),
+    and, for an uncertainty such as fid_std, the metric it belongs to (never an objective itself)."""
 
     direction: str | None
     regularizer: str | None = None
     evaluation: bool = False
+    uncertainty_of: str | None = None
 
 
 @cache
@@ -71,12 +73,13 @@ def reported_metrics() -> dict[str, Reported]:
     regularizer, the training loop, the in-training evaluation."""
     from lsep_tune.objectives import REGULARIZERS, TrainObjective
     from lsep_tune.train.loop import LOOP_METRICS
-    from lsep_tune.evaluation.in_training import EVAL_METRICS
+    from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
 
     out = {name: Reported(d) for name, d in {**TrainObjective.metrics, **LOOP_METRICS}.items()}
     for reg_name, reg in REGULARIZERS.items():
         out.update({name: Reported(d, regularizer=reg_name) for name, d in reg.metrics.items()})
-    out.update({name: Reported(d, evaluation=True) for name, d in EVAL_METRICS.items()})
+    out.update({name: Reported(d, evaluation=True, uncertainty_of=UNCERTAINTY_OF.get(name))
+                for name, d in EVAL_METRICS.items()})
     return out
 
 
@@ -158,6 +161,7 @@ class SearchSpace:
         self.scheduler_spec = self._read_scheduler(spec.scheduler)
         self._check_evaluation()
         self.points_to_evaluate = self._read_points(spec.points_to_evaluate or [])
+        self.confirm = self._read_confirm(spec.confirm)
 
     # ----- public API ------------------------------------------------------------------------
 
@@ -235,7 +239,18 @@ class SearchSpace:
             "report_every": self.report_every,
             "seed": self.seed,
             "points_to_evaluate": copy.deepcopy(self.points_to_evaluate),
+            **({"confirm": self.confirm.model_dump()} if self.confirm else {}),
         }
+
+    def training_seeds(self) -> set[int]:
+        """Every run.seed a trial of this search can train with (confirmation needs others)."""
+        param = self.params.get("run.seed")
+        if param is None:
+            return {int(self._base_flat["run.seed"])}
+        if param.type == "choice":
+            return {int(v) for v in param.values}
+        d = param.distribution
+        return set(range(int(d.low), int(d.high) + 1))
 
     def with_overrides(self, num_samples: int | None = None, max_concurrent: int | None = None) -> "SearchSpace":
         """A copy with command-line budget changes, validated like the file."""
@@ -263,6 +278,9 @@ class SearchSpace:
         data["report_every"] = report
         data["budget"].update(num_samples=3, max_concurrent=2, max_steps=steps, time_budget_s=None)
         data["points_to_evaluate"] = data["points_to_evaluate"][:3]
+        if "confirm" in data:  # the whole path, at its smallest: one candidate, two seeds
+            seeds = data["confirm"]["seeds"]
+            data["confirm"].update(top_k=1, seeds=seeds[:2] if isinstance(seeds, list) else 2)
         overrides = data["overrides"]
         unit = report
         eval_every = self._base_flat.get("run.eval_every") or 0
@@ -464,7 +482,11 @@ class SearchSpace:
         """Why the trainer would not report `name` in every trial of this space (None: it would)."""
         known = reported_metrics()
         if name not in known:
-            return f"{name!r} is never reported by the trainer, expected one of {', '.join(known)}"
+            objectives = [n for n, r in known.items() if not r.uncertainty_of]
+            return f"{name!r} is never reported by the trainer, expected one of {', '.join(objectives)}"
+        if known[name].uncertainty_of:
+            return (f"{name} is the uncertainty of {known[name].uncertainty_of}, not an objective; "
+                    f"expected {known[name].uncertainty_of}")
         section = known[name].regularizer
         if section and not self._always(f"objective.{section}.enabled", True):
             return f"{name} is reported only when objective.{section}.enabled is true in every trial"
@@ -547,35 +569,49 @@ class SearchSpace:
 
     def _read_points(self, raw: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Known-good points, completed: a searched param a point leaves out takes the base value."""
-        points = []
-        for i, point in enumerate(raw):
-            where = f"points_to_evaluate[{i}]"
-            for key in point:
-                if key not in self.params:
-                    self._fail(f"{where}.{key}", f"not a searched param (searched: {', '.join(self.params)})")
-            done: dict[str, Any] = {}
-            for path in self.order:
-                param = self.params[path]
-                if not self._active(param, done):
-                    if path in point:
-                        conditions = ", ".join(f"{f} in {_show(v)}" for f, v in param.conditions)
-                        self._fail(f"{where}.{path}", f"not sampled in this point: its condition ({conditions}) "
-                               "does not hold")
-                    continue
-                given = path in point
-                value = normalize(param, point[path] if given else self._base_flat[path])
-                if not contains(param.distribution, value):
-                    origin = "" if given else " (the base value, taken because the point leaves it out)"
-                    self._fail(f"{where}.{path}", f"{_show(value)}{origin} is outside the domain {describe(param)}")
-                done[path] = value
-            data = copy.deepcopy(self._base_data)
-            for path, value in done.items():
-                set_path(data, path, value)
-            cfg, field, message = _validate_split(data)
-            if cfg is None:
-                self._fail(f"{where}.{field}", message)
-            points.append(done)
-        return points
+        return [self._read_point(point, f"points_to_evaluate[{i}]") for i, point in enumerate(raw)]
+
+    def _read_point(self, point: dict[str, Any], where: str) -> dict[str, Any]:
+        """One point of searched values, checked against the domains and the config, and completed."""
+        for key in point:
+            if key not in self.params:
+                self._fail(f"{where}.{key}", f"not a searched param (searched: {', '.join(self.params)})")
+        done: dict[str, Any] = {}
+        for path in self.order:
+            param = self.params[path]
+            if not self._active(param, done):
+                if path in point:
+                    conditions = ", ".join(f"{f} in {_show(v)}" for f, v in param.conditions)
+                    self._fail(f"{where}.{path}", f"not sampled in this point: its condition ({conditions}) "
+                           "does not hold")
+                continue
+            given = path in point
+            value = normalize(param, point[path] if given else self._base_flat[path])
+            if not contains(param.distribution, value):
+                origin = "" if given else " (the base value, taken because the point leaves it out)"
+                self._fail(f"{where}.{path}", f"{_show(value)}{origin} is outside the domain {describe(param)}")
+            done[path] = value
+        data = copy.deepcopy(self._base_data)
+        for path, value in done.items():
+            set_path(data, path, value)
+        cfg, field, message = _validate_split(data)
+        if cfg is None:
+            self._fail(f"{where}.{field}", message)
+        return done
+
+    def _read_confirm(self, raw: dict[str, Any] | None) -> ConfirmConfig | None:
+        """`confirm:`, with a baseline mapping checked (and completed) like a known-good point and
+        explicit seeds refused where the search trains with them."""
+        if raw is None:
+            return None
+        confirm = self._parse(ConfirmConfig, raw, "confirm")
+        if isinstance(confirm.baseline, dict):
+            confirm = confirm.model_copy(update={"baseline": self._read_point(confirm.baseline, "confirm.baseline")})
+        try:
+            confirm.fresh_seeds(self.training_seeds(), self.source)
+        except InputError as err:
+            self._fail(err.field, err.expectation)
+        return confirm
 
 
 def _not_a_field(key: str, fields: Mapping[str, Any]) -> str:
@@ -594,8 +630,11 @@ def _round_to(value: float, unit: int) -> int:
 
 
 def space_names() -> list[str]:
-    """Shipped spaces, by name (search_spaces/NAME.yaml in the checkout)."""
-    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml")) if SPACES_DIR.is_dir() else []
+    """Shipped spaces, by name (search_spaces/NAME.yaml in the checkout; ablation-*.yaml are arms files
+    of `python -m lsep_tune.ablate`, not spaces)."""
+    if not SPACES_DIR.is_dir():
+        return []
+    return sorted(p.stem for p in SPACES_DIR.glob("*.yaml") if not p.stem.startswith("ablation-"))
 
 
 def resolve_space(path_or_name: str | Path) -> Path:
