@@ -10,7 +10,11 @@ from lsep_tune.train.__main__ import main
 
 pytestmark = pytest.mark.slow
 
-TINY = ["--preset", "digits", "--set", "model.name=SiT-Tiny/2", "--set", "objective.lsep.encoder_depth=2",
+# lr 1e-3: the attention key bias has a gradient that is zero up to float noise (softmax ignores a
+# shift shared by all keys), and Adam scales that noise to lr-sized steps; at the digits preset's
+# 4e-3 the reduction-order noise of 1 vs 2 workers then exceeds the tolerance in those biases alone.
+TINY = ["--preset", "digits", "--set", "optim.lr=1e-3", "--set", "model.name=SiT-Tiny/2",
+        "--set", "objective.lsep.encoder_depth=2",
         "--set", "sampling.steps=2", "--set", "sampling.grid_images=10", "--set", "run.log_every=1",
         "--set", "run.ckpt_every=4", "--set", "run.keep_checkpoints=5", "--max-steps", "10"]
 
