@@ -165,8 +165,9 @@ def test_sample_cli_reads_a_published_checkpoint(tmp_path):
                           "--checkpoint-format", "lsep", "--num", "4", "--out", str(out)],
                          capture_output=True, text=True)
     assert bad.returncode == 2
-    # Without --model the default SiT-XL/2 is assumed, whose grid the file's pos_embed does not fit.
-    assert len(bad.stderr.strip().splitlines()) == 1 and "pos_embed" in bad.stderr and "SiT-XL/2" in bad.stderr
+    # Without --model the default SiT-XL/2 is assumed, whose weights the file's do not fit: the keys say so.
+    assert len(bad.stderr.strip().splitlines()) == 1 and "keys do not fit SiT-XL/2" in bad.stderr
+    assert "wrong shape blocks." in bad.stderr
 
 
 def test_training_starts_from_a_published_checkpoint(tmp_path):
