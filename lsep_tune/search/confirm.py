@@ -127,12 +127,12 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
 
     from ray import tune
 
-    from lsep_tune.search.runner import TRIAL_DRIVER_CPU, end_unfinished_runs
+    from lsep_tune.search.runner import end_unfinished_runs, trial_resources
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)
     trainable = tune.with_resources(tune.with_parameters(_trial, space=space, paths=paths, role=role),
-                                    {"cpu": TRIAL_DRIVER_CPU})
+                                    trial_resources(space.budget))
     tuner = tune.Tuner(
         trainable,
         # seed-major: the runs that will be compared with each other finish close together

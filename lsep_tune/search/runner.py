@@ -26,7 +26,7 @@ from lsep_tune.config import dump_config, flatten
 from lsep_tune.search import report
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 TRIAL_ID_TAG = "lsep_tune.trial_id"
-TRIAL_DRIVER_CPU = 0.01  # a trial's own process only waits on its TorchTrainer
+TRIAL_DRIVER_CPU = 0.01  # a multi-worker trial's own process only waits on its TorchTrainer
 
 
 @dataclass
@@ -82,7 +82,8 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
 
 
 def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
-    """One Tune trial: a Ray Train run of the space's config with `params` applied."""
+    """One Tune trial of the space's config with `params` applied: a one-worker trial runs the training
+    loop in this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -93,12 +94,17 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     cfg = space.trial_config(params)
     run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
     b = space.budget
-    placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
-    run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
-                         mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
-    build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
+    if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
+        from lsep_tune.train.tune_context import run_in_trial
+
+        run_in_trial(cfg, out, paths.mlflow_uri, run_id)
+    else:
+        placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
+        run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
+                             mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
+        build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
     diverged = divergence(out)
     if diverged:
         raise TrialDiverged(f"trial {trial_id} diverged: {diverged['error']}")
@@ -269,7 +275,7 @@ def fit(space, paths: SearchPaths, resume: bool):
     from ray import tune
 
     trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
-                                    {"cpu": TRIAL_DRIVER_CPU})
+                                    trial_resources(space.budget))
     tune_path = paths.tune_root / "search"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
@@ -309,8 +315,16 @@ def check_budget(space) -> None:
         raise InputError(space.source, field, f"{err.field}: {err.expectation}") from None
 
 
+def trial_resources(budget) -> dict[str, float]:
+    """What a trial's own process holds: a one-worker trial trains in it (the worker's CPUs and GPUs);
+    a larger trial's process only waits on its TorchTrainer, whose workers ask for their own."""
+    if budget.workers_per_trial == 1:
+        return {"cpu": budget.cpus_per_worker, "gpu": budget.gpus_per_worker}
+    return {"cpu": TRIAL_DRIVER_CPU}
+
+
 def local_cpus(space) -> int:
     """Logical CPUs for a local Ray: enough for max_concurrent trials even on a 2-core machine."""
     b = space.budget
-    per_trial = b.workers_per_trial * b.cpus_per_worker + TRIAL_DRIVER_CPU
+    per_trial = trial_resources(b)["cpu"] + (b.workers_per_trial * b.cpus_per_worker if b.workers_per_trial > 1 else 0)
     return max(os.cpu_count() or 1, math.ceil(b.max_concurrent * per_trial))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lsep_tune.train import checkpoint as ckpt
+from lsep_tune import checkpoint as ckpt
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.distributed import DIVERGED_FILE, DIVERGED_KEY
 
