@@ -280,7 +280,7 @@ def test_trial_rows_carry_the_metric_uncertainty_beside_the_metric(tmp_path):
     from lsep_tune.search.space import load_space
 
     fid_space = load_space("digits")
-    result = SimpleNamespace(metrics={"trial_id": "t1", "step": 240, "fid": 330.0, "fid_std": 4.5, "isc_std": 0.1},
+    result = SimpleNamespace(metrics={"trial_id": "t1", "step": fid_space.budget.max_steps, "fid": 330.0, "fid_std": 4.5, "isc_std": 0.1},
                              config={"optim.lr": 1e-3}, error=None, path=str(tmp_path / "t1"))
     unevaluated = SimpleNamespace(metrics={"trial_id": "t2", "step": 80, "fid": 400.0}, config={}, error=None,
                                   path=str(tmp_path / "t2"))

@@ -26,7 +26,7 @@ def ray_worker(payload: dict) -> None:
 
     cfg = validate(payload["config"], "bench config")
     folder = payload["folder"]
-    ctx = RayContext(RunPaths(output=folder, storage=folder, name="bench"), 1)
+    ctx = RayContext(RunPaths(output=folder, storage=folder, name="bench"))
     training = Training(cfg, ctx, dataset=synthetic_data(cfg, max(4 * cfg.data.batch_size, 64)))
     timer = StepTimer(training, baseline=False)
     timer.run(payload["warmup"])
@@ -37,13 +37,23 @@ def ray_worker(payload: dict) -> None:
 
 def time_under_ray(cfg, args) -> list[float]:
     import ray
+
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(num_cpus=max(2, args.threads or 1), include_dashboard=False, configure_logging=False,
+                 log_to_driver=False)
+    try:
+        return _time_one_worker(cfg, args, gpu)
+    finally:
+        if started_here:  # a failed run must not leave a Ray behind for whoever comes next
+            ray.shutdown()
+
+
+def _time_one_worker(cfg, args, gpu: bool) -> list[float]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    gpu = torch.cuda.is_available() and args.device != "cpu"
-    if not ray.is_initialized():
-        ray.init(num_cpus=max(2, args.threads or 1), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
     folder = tempfile.mkdtemp(prefix="lsep_bench_ray_")
     trainer = TorchTrainer(
         ray_worker,

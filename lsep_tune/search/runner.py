@@ -182,6 +182,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     started = time.time()
     output = output.resolve()
+    output.mkdir(parents=True, exist_ok=True)  # checked writable before Ray started; made only now
     state_file = output / "search.json"
     state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
     parent = state.get("mlflow_parent_run_id") or tracking.create_run(
