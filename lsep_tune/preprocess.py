@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from lsep_tune.errors import InputError
+from lsep_tune.files import atomic_write
 
 FORMAT = "lsep_tune-latents/1"
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -228,15 +229,12 @@ def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: l
     files = {}
     for key, arr in arrays.items():
         name = f"{stem}.{key}.npy"
-        tmp = out / f".{name}.tmp"
-        with open(tmp, "wb") as f:
+        with atomic_write(out / name) as f:
             np.save(f, arr)
-        os.replace(tmp, out / name)
         files[name] = {"bytes": (out / name).stat().st_size, "sha256": sha256_of(out / name)}
     record = {"index": index, "plan": digest, "num_images": len(rows), "files": files, "unreadable": skipped}
-    tmp = out / f".{stem}.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(tmp, out / f"{stem}.json")
+    with atomic_write(out / f"{stem}.json") as f:
+        f.write((json.dumps(record, indent=1) + "\n").encode())
     return record
 
 
@@ -262,9 +260,8 @@ def write_manifest(out: Path, shards: list[dict], resolution: int, vae: str, ima
         "shards": [{"index": r["index"], "num_images": r["num_images"], "files": r["files"]} for r in shards],
         "unreadable": [p for r in shards for p in r["unreadable"]],
     }
-    tmp = out / ".manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out / "manifest.json")
+    with atomic_write(out / "manifest.json") as f:
+        f.write((json.dumps(manifest, indent=1) + "\n").encode())
     return manifest
 
 

@@ -2,57 +2,38 @@
 
 Starting a Ray Train worker group for a single worker costs a trial tens of seconds (a new actor,
 its imports, a process group) before the first step. With one worker there is nothing to
-coordinate, so the loop can run in the trial's own process: `TuneContext` hands metrics and
-checkpoints to Tune (`ray.tune.report`) and resumes from Tune's checkpoint, the way `RayContext`
-does with Ray Train. The trial must then be given the worker's resources (CPU / GPU) itself.
+coordinate, so the loop can run in the trial's own process: `TuneContext` reports metrics to Tune
+(`ray.tune.report`, what schedulers and searchers read) and keeps checkpoints in the trial's run
+folder, resuming from there. The trial must then be given the worker's resources (CPU / GPU) itself.
 """
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from lsep_tune import checkpoint as ckpt
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.distributed import DIVERGED_FILE, DIVERGED_KEY
 
 
 class TuneContext(LocalContext):
-    """The loop's context inside a Tune function trial: one process, reports and checkpoints to Tune."""
+    """The loop's context inside a Tune function trial: one process; metrics go to Tune as well.
+
+    Checkpoints stay in the trial's own run folder (OUTPUT/trial_runs/ID/checkpoints), the way a
+    local run keeps them: a restarted trial, or a search resumed after its driver was killed, finds
+    them there under the same trial id, whether or not Tune had synced its state before the kill.
+    """
 
     def __init__(self, output_dir: str | Path, keep_checkpoints: int, device: str | None = None):
-        super().__init__(output_dir, keep_checkpoints, device=device, progress=False)
-
-    def resume_state(self) -> dict | None:
-        from ray import tune
-
-        checkpoint = tune.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as folder:
-            return ckpt.load_state(folder)
+        super().__init__(output_dir, keep_checkpoints, device=device, resume_from=output_dir, progress=False)
 
     def report(self, metrics: dict[str, float], step: int, state: dict | None = None) -> str | None:
         from ray import tune
 
-        payload = {**metrics, "step": step}
-        with self.metrics_file.open("a") as f:
-            f.write(json.dumps(payload) + "\n")
-        for cb in self.callbacks:
-            cb.log_metrics(metrics, step)
-        if state is None:
-            tune.report(payload)
-            return None
-        tmp = Path(tempfile.mkdtemp(prefix="lsep_ckpt_"))
-        try:
-            ckpt.save_state(tmp, state)
-            tune.report(payload, checkpoint=tune.Checkpoint.from_directory(str(tmp)))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return None  # Tune keeps the checkpoint in the trial's storage (its CheckpointConfig prunes)
+        folder = super().report(metrics, step, state)
+        tune.report({**metrics, "step": step})
+        return folder
 
 
 def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict | None:
