@@ -65,6 +65,42 @@ def test_resume_continues_with_identical_state_at_the_right_step(tmp_path):
     assert steps == [2, 4, 6, 8]
 
 
+class RecordingContext(LocalContext):
+    """A local context that remembers what the loop reported, as a Tune trial's scheduler would see it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reported = []
+
+    def report(self, metrics, step, state=None):
+        self.reported.append((step, dict(metrics)))
+        return super().report(metrics, step, state)
+
+
+def test_resumed_from_its_final_checkpoint_a_run_reports_its_end_again(tmp_path):
+    """Killed between its last checkpoint and its summary, a run resumed there trains nothing but
+    must report the final record again (once), or a Tune trial waiting on it never sees it end."""
+    run = tmp_path / "run"
+    first = train_loop(small_cfg(4), LocalContext(run, keep_checkpoints=5, device="cpu"))
+    (run / "summary.json").unlink()  # as if the process died right after the step-4 checkpoint
+    ctx = RecordingContext(run, keep_checkpoints=5, device="cpu", resume_from=run)
+    resumed = train_loop(small_cfg(4), ctx)
+    assert resumed["start_step"] == 4 and resumed["final_step"] == 4
+    assert [step for step, _ in ctx.reported] == [4]
+    assert ctx.reported[0][1]["flow_loss"] == first["final_flow_loss"]
+    assert resumed["final_flow_loss"] == first["final_flow_loss"]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]  # the history still holds each step once
+
+    # Ended before (a search restarting a trial whose end its driver had not recorded): the same
+    # report again, and the summary, EMA and final evaluation it left stand untouched.
+    finished = {p.name: p.stat().st_mtime_ns for p in (run / "summary.json", run / "ema_final.pt")}
+    again = RecordingContext(run, keep_checkpoints=5, device="cpu", resume_from=run)
+    assert train_loop(small_cfg(4), again) == json.loads((run / "summary.json").read_text())
+    assert [step for step, _ in again.reported] == [4]
+    assert {p.name: p.stat().st_mtime_ns for p in (run / "summary.json", run / "ema_final.pt")} == finished
+
+
 def test_cli_runs_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["--preset", "digits", "--set", "model.name=SiT-Tiny/2", "--set", "objective.lsep.encoder_depth=2",

@@ -88,14 +88,22 @@ def _maybe_fail(cfg: Config, ctx, step: int) -> None:
     os._exit(17)
 
 
-def trim_metrics(path: Path, start_step: int) -> None:
-    """Drop records past the checkpoint a run resumes from: those steps are trained again."""
+def trim_metrics(path: Path, start_step: int, keep_last: bool = True) -> dict:
+    """Drop records past the checkpoint a run resumes from: those steps are trained again. Without
+    `keep_last` the checkpoint's own record goes too, and is returned for the run to report again."""
     if not path.exists():
-        return
+        return {}
     lines = path.read_text().splitlines()
     kept = [line for line in lines if json.loads(line)["step"] <= start_step]
+    last = json.loads(kept[-1]) if kept else {}
+    if not keep_last and last.get("step") == start_step:
+        kept.pop()
+    else:
+        last = {}
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
+    last.pop("step", None)
+    return last
 
 
 def parameter_digest(module: torch.nn.Module) -> str:
@@ -257,10 +265,15 @@ def train_loop(cfg: Config, ctx) -> dict:
     objective, ema, scaler, teacher = tr.objective, tr.ema, tr.scaler, tr.teacher
     is_main = ctx.rank == 0
     out = Path(ctx.output_dir)
+    # Resumed from its final checkpoint (the process died after it, or a search restarts a trial that
+    # had ended before the driver recorded it), a run trains nothing; it reports that checkpoint's
+    # record again below, so whoever waits on the run (a Tune trial, a scheduler) sees it reach the end.
+    resumed_at_end = start_step >= cfg.run.max_steps
+    final_record: dict[str, float] = {}
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         dump_config(cfg, out / "config.yaml")
-        trim_metrics(out / "metrics.jsonl", start_step)
+        final_record = trim_metrics(out / "metrics.jsonl", start_step, keep_last=not resumed_at_end)
 
     window = MetricWindow(check_grad_norm=not tr.use_scaler)
     last_metrics: dict[str, float] = {}
@@ -322,6 +335,12 @@ def train_loop(cfg: Config, ctx) -> dict:
             clock.charge("checkpoint" if want_ckpt else "report")
     bar.close()
     tr.batches.close()
+    if resumed_at_end:
+        last_metrics = final_record
+        ctx.report(last_metrics, start_step)
+        finished = out / "summary.json"
+        if finished.exists():  # it had ended before: its EMA, final evaluation and summary stand
+            return json.loads(finished.read_text())
 
     # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
