@@ -15,7 +15,6 @@ import copy
 import csv
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from lsep_tune import stats
-from lsep_tune.cluster import Placement, check_placement, ends_local_ray
+from lsep_tune.cluster import ends_local_ray
 from lsep_tune.config import flatten, load_raw, preset_names, set_path, validate
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 from lsep_tune.schema import StrictModel
@@ -68,11 +67,6 @@ class AblationSpec(StrictModel):
         if unknown:
             raise ValueError(f"unknown metric {unknown[0]!r}, expected some of {', '.join(known)}")
         return v
-
-    @property
-    def placement(self) -> Placement:
-        b = self.budget
-        return Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
 
 
 def resolve_arms_file(name_or_path: str) -> Path:
@@ -245,15 +239,6 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
     return summary
 
 
-def check_budget(spec: AblationSpec, source: str, resources: dict[str, float], where: str) -> None:
-    """One run of every arm must fit `resources`, or Tune would wait forever."""
-    try:
-        check_placement(spec.placement, resources, where)
-    except InputError as err:
-        field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
-        raise InputError(source, field, f"{err.field}: {err.expectation}") from None
-
-
 # ----- the command line: the only place that knows the flags ----------------------------------------
 
 def build_parser() -> OneLineParser:
@@ -277,17 +262,17 @@ FLAGS = {"arms": "--arms", "seeds": "--seeds", "max_steps": "--max-steps", "outp
 def prepare(args):
     """Everything checkable, before Ray starts and before anything is written."""
     from lsep_tune import tracking
-    from lsep_tune.cluster import machine_resources, ray_address
+    from lsep_tune.cluster import check_trial_fits, local_ray_cpus, machine_resources, ray_address
+    from lsep_tune.data import check_available
     from lsep_tune.files import require_writable_dir
-    from lsep_tune.search.runner import TRIAL_DRIVER_CPU
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
-    b = spec.budget
+    for arm in arms:  # a missing or mismatched dataset, before any run
+        check_available(arm.config.data, source, cfg=arm.config)
     # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
-    local_cpus = max(len(os.sched_getaffinity(0)), math.ceil(
-        b.max_concurrent * (b.workers_per_trial * b.cpus_per_worker + TRIAL_DRIVER_CPU)))
+    local_cpus = local_ray_cpus(spec.budget)
     if not ray_address(args.address):
-        check_budget(spec, source, machine_resources(), "this machine")
+        check_trial_fits(spec.budget, source, machine_resources(), "this machine")
     name = Path(source).stem.removeprefix("ablation-")
     output = Path(args.output) if args.output else Path("runs") / f"ablation-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (output / "summary.json").exists():
@@ -309,12 +294,12 @@ def main(argv: list[str] | None = None) -> int:
 def _ablate(args: argparse.Namespace) -> int:
     import ray
 
-    from lsep_tune.cluster import connect_ray
+    from lsep_tune.cluster import check_trial_fits, connect_ray
     from lsep_tune.tracking import ui_command
 
     spec, arms, source, name, output, uri, local_cpus = prepare(args)
     args.started_ray = connect_ray(args.address, num_cpus=local_cpus)
-    check_budget(spec, source, ray.cluster_resources(), "the cluster")
+    check_trial_fits(spec.budget, source, ray.cluster_resources(), "the cluster")
     summary = run_ablation(spec, arms, output, uri, name)
     print((output / "table.md").read_text())
     print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -68,6 +69,38 @@ def check_placement(placement: Placement, resources: dict[str, float], where: st
                          f"(at most {fit} such workers fit)")
 
 
+TRIAL_DRIVER_CPU = 0.01  # a multi-worker trial's own process only waits on its TorchTrainer
+
+
+def trial_resources(budget) -> dict[str, float]:
+    """What a Tune trial's own process holds: a one-worker trial trains in it (the worker's CPUs and
+    GPUs); a larger trial's process only waits on its TorchTrainer, whose workers ask for their own.
+    `budget`: a search's or ablation's budget (workers_per_trial, cpus_per_worker, gpus_per_worker)."""
+    if budget.workers_per_trial == 1:
+        return {"cpu": budget.cpus_per_worker, "gpu": budget.gpus_per_worker}
+    return {"cpu": TRIAL_DRIVER_CPU}
+
+
+def local_ray_cpus(budget) -> int:
+    """Logical CPUs for a local Ray: enough for max_concurrent trials even on a 2-core machine."""
+    b = budget
+    per_trial = trial_resources(b)["cpu"] + (b.workers_per_trial * b.cpus_per_worker if b.workers_per_trial > 1 else 0)
+    return max(int(machine_resources()["CPU"]), math.ceil(b.max_concurrent * per_trial))
+
+
+def check_trial_fits(budget, source: str, resources: dict[str, float], where: str) -> None:
+    """One trial of a search or ablation `budget` must fit `resources` (this machine before a local
+    Ray starts, the cluster once joined), or Tune would wait on it forever. Errors name the budget's
+    field in the file `source`."""
+    b = budget
+    try:
+        check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
+                        resources, where)
+    except InputError as err:
+        field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
+        raise InputError(source, field, f"one trial needs more than {where} has: {err.expectation}") from None
+
+
 def ray_address(address: str | None) -> str | None:
     """The cluster to join: `address`, else $RAY_ADDRESS, else None (a local Ray)."""
     return address or os.environ.get("RAY_ADDRESS") or None
@@ -88,6 +121,9 @@ def connect_ray(address: str | None, placement: Placement | None = None, *, num_
     if placement is not None and not address:
         check_placement(placement, machine_resources(num_cpus), "this machine")
     level = logging.ERROR if quiet else logging.INFO
+    # Ray Train V2 routes a worker's print() to its log and, with Ray's wrapped stdout, also to the
+    # console: every line twice. Workers of a local Ray inherit this process's environment.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:
         if address:
             ray.init(address=address, logging_level=level)

@@ -52,7 +52,9 @@ def child_runs(summary: dict):
 
 
 @pytest.mark.slow
-def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, capsys):
+def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, capsys, mlflow_server):
+    """Every state a run can end in (FINISHED, KILLED by ASHA, FAILED), its final_* and the parent's
+    best_* metrics, read back from a real `mlflow server`."""
     points = [
         GOOD,
         {"optim.lr": 1e-3},
@@ -63,17 +65,18 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2,
                         overrides={"run.final_eval_samples": 20})
     out = tmp_path / "search"
-    rc = main(["--space", str(space), "--output", str(out)])
+    rc = main(["--space", str(space), "--output", str(out), "--mlflow-uri", mlflow_server.uri])
     printed = capsys.readouterr().out
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["mlflow_tracking_uri"] == mlflow_server.uri
     trials = {t["params"]["optim.lr"]: t for t in summary["trials"]}
     assert len(summary["trials"]) == 4
     assert trials[1e4]["status"] == "failed" and "diverged" in trials[1e4]["error"]
     assert trials[1e-8]["status"] == "stopped" and trials[1e-8]["step"] < 40
     assert {trials[2e-3]["status"], trials[1e-3]["status"]} <= {"completed", "stopped"}
     assert summary["best_params"]["optim.lr"] in (2e-3, 1e-3)
-    assert f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}" in printed
+    assert f"open {mlflow_server.uri} in a browser" in printed
     assert "best flow_loss" in printed
 
     # One parent run, one nested child run per trial, with the trial's params and curves.
@@ -140,6 +143,7 @@ def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path,
     assert main(["--space", str(space), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     summary = json.loads((out / "summary.json").read_text())
+    assert f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}" in printed  # the default store
     c = summary["confirmation"]
     assert c["seeds"] == [1000, 1001] and [x["name"] for x in c["configs"]] == ["baseline", "top1"]
     base, top = c["configs"]
@@ -307,4 +311,35 @@ def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path
     assert main(["--space", str(path), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"error: {path}: budget.workers_per_trial: one trial needs") and len(err.splitlines()) == 1
+    assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_missing_data_and_a_gpu_trial_on_a_cpu_machine_fail_before_ray(tmp_path, capsys, monkeypatch):
+    """A shipped ImageNet space without its latents, and a space asking for a GPU this machine does not
+    have: one line each, exit 2, no Ray started, no folder made."""
+    import ray
+
+    ray.shutdown()
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a request refused by what could be checked before")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.chdir(tmp_path)  # the space's relative data.path resolves here, where nothing is
+    assert main(["--space", "lsep-sit-b2-imagenet256", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: data/imagenet256-latents: data.path: no such folder") and len(err.splitlines()) == 1
+    path = write_space(tmp_path / "gpu.yaml", [], num_samples=1)
+    data = yaml.safe_load(path.read_text())
+    data["budget"]["gpus_per_worker"] = 1
+    path.write_text(yaml.safe_dump(data))
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    assert main(["--space", str(path), "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: budget.gpus_per_worker: one trial needs more than this machine has")
+    assert len(err.splitlines()) == 1
     assert not ray.is_initialized() and not (tmp_path / "out").exists()

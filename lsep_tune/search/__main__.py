@@ -6,18 +6,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from lsep_tune.cluster import ends_local_ray
-from lsep_tune.errors import InputError
+from lsep_tune.errors import InputError, OneLineParser, run_cli
+
+# Neutral names in library errors -> the flags of this command.
+FLAGS = {"address": "--address", "storage": "--output", "output": "--output", "mlflow_uri": "--mlflow-uri"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m lsep_tune.search", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="python -m lsep_tune.search", description=__doc__,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--space", default="digits", help="search-space YAML file or shipped name (default: digits)")
     p.add_argument("--num-samples", type=int, help="trials in total (overrides budget.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (overrides budget.max_concurrent)")
@@ -48,6 +50,8 @@ def resolve_output(args, space_name: str) -> Path:
 def prepare(args):
     """Everything checkable is checked here, before Ray starts and before anything is written."""
     from lsep_tune import tracking
+    from lsep_tune.cluster import check_trial_fits, machine_resources, ray_address
+    from lsep_tune.data import check_available
     from lsep_tune.files import require_writable_dir
     from lsep_tune.search.space import load_space
 
@@ -58,8 +62,10 @@ def prepare(args):
     if args.smoke:
         space = space.smoke()
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
-    if not (args.address or os.environ.get("RAY_ADDRESS")):
-        check_local_budget(space)
+    base = space.base_config()
+    check_available(base.data, space.source, cfg=base)  # a missing or mismatched dataset, before any trial
+    if not ray_address(args.address):  # a local Ray is sized for max_concurrent trials; one must fit the machine
+        check_trial_fits(space.budget, space.source, machine_resources(), "this machine")
     output = resolve_output(args, space.name)
     uri = args.mlflow_uri
     if args.resume and not uri:
@@ -67,42 +73,28 @@ def prepare(args):
     if uri:  # given (or remembered): its own mistakes are its own
         problem = tracking.check_uri(uri)
         if problem:
-            raise InputError("--mlflow-uri", uri, problem)
-    require_writable_dir(output, "--output")
+            raise InputError("mlflow_uri", uri, problem)
+    require_writable_dir(output, "output")
     return space, output, uri or tracking.default_uri(output)
 
 
-def check_local_budget(space) -> None:
-    """A local Ray is sized so that max_concurrent trials fit; one trial alone must still fit the
-    machine's cores, or it would wait on processes that never get a core."""
-    need = space.budget.workers_per_trial * space.budget.cpus_per_worker
-    have = os.cpu_count() or 1
-    if need > have:
-        raise InputError(space.source, "budget.workers_per_trial",
-                         f"one trial needs {need:g} CPUs (workers_per_trial x cpus_per_worker), this machine "
-                         f"has {have}; lower them or pass --address of a cluster")
-
-
 def connect(args, space) -> None:
-    from lsep_tune.search.runner import check_budget, local_cpus
-    from lsep_tune.cluster import connect_ray
+    import ray
 
-    args.started_ray = connect_ray(args.address, num_cpus=local_cpus(space))
-    check_budget(space)
+    from lsep_tune.cluster import check_trial_fits, connect_ray, local_ray_cpus
+
+    args.started_ray = connect_ray(args.address, num_cpus=local_ray_cpus(space.budget))
+    check_trial_fits(space.budget, space.source, ray.cluster_resources(), "the cluster")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main(parse_args(argv))
+    return run_cli(lambda: _main(parse_args(argv)), FLAGS)
 
 
 @ends_local_ray
 def _main(args: argparse.Namespace) -> int:
-    try:
-        space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
-        connect(args, space)
-    except InputError as err:
-        print(f"error: {err.line({'address': '--address', 'storage': '--output'})}", file=sys.stderr)
-        return 2
+    space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
+    connect(args, space)
 
     from lsep_tune.search.report import print_summary
     from lsep_tune.search.runner import run_search
@@ -111,6 +103,7 @@ def _main(args: argparse.Namespace) -> int:
     summary = run_search(space, output, uri, resume=args.resume)
     print_summary(summary, output, ui_command(uri))
     return 0 if summary["best_trial"] else 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

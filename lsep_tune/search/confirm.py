@@ -127,7 +127,8 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
 
     from ray import tune
 
-    from lsep_tune.search.runner import end_unfinished_runs, trial_resources
+    from lsep_tune.cluster import trial_resources
+    from lsep_tune.search.runner import end_unfinished_runs
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -22,11 +21,11 @@ import yaml
 from ray.tune import Callback
 
 from lsep_tune import tracking
+from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
 from lsep_tune.search import report
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 TRIAL_ID_TAG = "lsep_tune.trial_id"
-TRIAL_DRIVER_CPU = 0.01  # a multi-worker trial's own process only waits on its TorchTrainer
 
 
 @dataclass
@@ -298,34 +297,3 @@ def fit(space, paths: SearchPaths, resume: bool):
                                       callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space)),
         )
     return tuner.fit()
-
-
-def check_budget(space) -> None:
-    """Every trial must fit on the cluster, or Tune would wait forever."""
-    import ray
-
-    from lsep_tune.cluster import Placement, check_placement
-    from lsep_tune.errors import InputError
-
-    b = space.budget
-    try:
-        check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
-                        ray.cluster_resources())
-    except InputError as err:
-        field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
-        raise InputError(space.source, field, f"{err.field}: {err.expectation}") from None
-
-
-def trial_resources(budget) -> dict[str, float]:
-    """What a trial's own process holds: a one-worker trial trains in it (the worker's CPUs and GPUs);
-    a larger trial's process only waits on its TorchTrainer, whose workers ask for their own."""
-    if budget.workers_per_trial == 1:
-        return {"cpu": budget.cpus_per_worker, "gpu": budget.gpus_per_worker}
-    return {"cpu": TRIAL_DRIVER_CPU}
-
-
-def local_cpus(space) -> int:
-    """Logical CPUs for a local Ray: enough for max_concurrent trials even on a 2-core machine."""
-    b = space.budget
-    per_trial = trial_resources(b)["cpu"] + (b.workers_per_trial * b.cpus_per_worker if b.workers_per_trial > 1 else 0)
-    return max(os.cpu_count() or 1, math.ceil(b.max_concurrent * per_trial))
