@@ -174,6 +174,24 @@ def test_too_many_workers_refused_before_a_local_ray_starts(tmp_path, capsys, mo
     assert not out.exists()
 
 
+def test_unreachable_mlflow_server_refused_before_a_local_ray_starts(tmp_path, capsys, monkeypatch):
+    """A given --mlflow-uri that cannot be reached: one line, exit 2, no Ray started, no folder made."""
+    import ray
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("a local Ray was started before the MLflow server was checked")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        pytest.skip("a Ray is already running in this process")
+    out = tmp_path / "run"
+    assert main(["--preset", "digits", "--workers", "1", "--mlflow-uri", "http://127.0.0.1:9", "--output", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --mlflow-uri: http://127.0.0.1:9: cannot reach the MLflow server")
+    assert not out.exists()
+
+
 def test_missing_training_data_fails_before_mlflow_or_any_folder(tmp_path):
     """A latent preset whose data folder is absent: one line, exit 2, nothing created."""
     proc = subprocess.run([sys.executable, "-m", "lsep_tune.train", "--preset", "imagenet256-sit-b2"],
@@ -195,3 +213,21 @@ def test_check_available_names_what_is_missing(tmp_path):
     cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path}"])
     with pytest.raises(InputError, match="no manifest.json"):
         check_available(cfg.data, "x.yaml")
+
+
+@pytest.mark.slow
+def test_a_ray_train_run_prints_each_step_once_and_no_report_objects(tmp_path):
+    """The console of `train --workers 1`: the run's own step lines, once each; Ray Train's per-report
+    `TrainingReport(...)` lines and its print tee (every worker line twice) are gone."""
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "-m", "lsep_tune.train", "--preset", "digits", "--workers", "1", "--max-steps", "4",
+         "--set", "model.name=SiT-Tiny/2", "--set", "objective.lsep.encoder_depth=2", "--set", "run.log_every=2",
+         "--set", "run.eval_every=0", "--set", "sampling.steps=2", "--set", "sampling.grid_images=10",
+         "--output", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    printed = done.stdout + done.stderr
+    assert done.returncode == 0, printed[-3000:]
+    for step in (2, 4):
+        assert sum(f"step {step}/4 " in line for line in printed.splitlines()) == 1, printed[-3000:]
+    assert "TrainingReport(" not in printed

@@ -8,6 +8,7 @@ and checking a request against it is `lsep_tune.cluster`'s job.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -125,6 +126,16 @@ class RayContext:
             cb.close()
 
 
+def quiet_report_log() -> None:
+    """Ray Train V2 logs every report as a whole `TrainingReport(...)` line, on a logger named after its
+    source file that its LoggingConfig does not reach; the run's own step lines already say it."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # a Ray without that module logs no such line
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+
+
 def worker_main(payload: dict) -> None:
     """Entry point of every Ray Train worker."""
     from lsep_tune.config import validate
@@ -132,6 +143,7 @@ def worker_main(payload: dict) -> None:
 
     import ray.train
 
+    quiet_report_log()
     cfg = validate(payload["config"], "trial config")
     ctx = RayContext(RunPaths(**payload["paths"]))
     try:
