@@ -113,17 +113,25 @@ def _gist(err: BaseException) -> str:
     return line if len(line) <= 100 else line[:97] + "..."
 
 
+def read_file(file, source: str, allow: tuple = (), error: type[InputError] = InputError) -> Any:
+    """torch.load with weights_only=True (plus the `allow`ed classes), for any checkpoint file, ours or
+    a published one: a file that is not one fails as a short `error` line, without torch's warnings."""
+    if not zipfile.is_zipfile(file):
+        raise error(source, "file", "not a torch checkpoint (torch.save writes a zip archive; this is none)")
+    if hasattr(file, "seek"):
+        file.seek(0)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
+            warnings.simplefilter("ignore")  # torch warns before it fails; the one-line error says it all
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise error(source, "file", f"not a readable torch checkpoint ({_gist(err)})") from None
+
+
 def read_sit_checkpoint(file: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], int | None]:
     """(config dict, SiT EMA state dict, step) of an ``ema_final.pt`` or ``state.pt``."""
     file = Path(file)
-    if not zipfile.is_zipfile(file):
-        raise InputError(file, "file", "not a torch checkpoint (torch.save writes a zip archive; this is none)")
-    try:
-        with warnings.catch_warnings():  # torch warns before it fails; the one-line error says it all
-            warnings.simplefilter("ignore")
-            blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        raise InputError(file, "file", f"not a readable torch checkpoint ({_gist(err)})") from None
+    blob = read_file(file, str(file))
     if not isinstance(blob, dict):
         raise InputError(file, "file", f"expected a dict with 'ema' and 'config', got {type(blob).__name__}")
     for key in ("ema", "config"):

@@ -94,7 +94,7 @@ def load_vae_any(name_or_path: str):
         vae = AutoencoderKL.from_pretrained(name_or_path, low_cpu_mem_usage=False)
     except Exception as err:  # noqa: BLE001 - hub and network errors alike
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError("--vae", name_or_path, f"not a local AutoencoderKL folder and not loadable from the "
+        raise InputError("vae", name_or_path, f"not a local AutoencoderKL folder and not loadable from the "
                                                 f"hub ({first[:200]})") from None
     return vae.eval().requires_grad_(False)
 
@@ -110,7 +110,7 @@ def load_encoder(name: str, weights: str | None, resolution: int):
                                   img_size=resolution)
     except Exception as err:  # noqa: BLE001 - unknown names, non-ViTs, missing files and hub errors alike
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise InputError("--encoder", name, f"cannot build this timm ViT at {resolution}px with its weights "
+        raise InputError("encoder", name, f"cannot build this timm ViT at {resolution}px with its weights "
                                             f"({first[:200]})") from None
     return model.eval().requires_grad_(False)
 
@@ -423,6 +423,10 @@ def run(args) -> dict:
     return manifest
 
 
+# Neutral names in the loaders' errors -> the flags of this command.
+FLAGS = {"vae": "--vae", "encoder": "--encoder", "address": "--address"}
+
+
 def main(argv: list[str] | None = None) -> int:
     from lsep_tune.cluster import ends_local_ray
     from lsep_tune.errors import run_cli
@@ -440,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         return body(args)
 
-    return run_cli(command)
+    return run_cli(command, FLAGS)
 
 
 if __name__ == "__main__":

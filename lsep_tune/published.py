@@ -57,13 +57,10 @@ class Converted:
 
 def read(file: str | Path | BinaryIO, source: str | None = None) -> dict[str, Any]:
     """torch.load with weights_only=True; the published scripts also pickle an argparse.Namespace."""
+    from lsep_tune.checkpoint import read_file
+
     source = source or str(file)
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            blob = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PublishedError(source, "file", f"not a readable torch checkpoint ({first})") from None
+    blob = read_file(file, source, allow=(argparse.Namespace,), error=PublishedError)
     if not isinstance(blob, dict):
         raise PublishedError(source, "file", f"expected a dict of weights, got {type(blob).__name__}")
     return blob

@@ -22,7 +22,7 @@ TINY = {
 
 
 def tiny_space(points, confirm=None) -> SearchSpace:
-    return SearchSpace.from_dict({
+    return SearchSpace({
         "base": {"preset": "digits"},
         "overrides": TINY,
         "params": {"optim.lr": {"type": "loguniform", "low": 1e-6, "high": 1e-2},
@@ -63,7 +63,7 @@ def test_confirm_key_of_a_space_file_and_fresh_seeds():
     assert space.confirm.baseline == {"optim.lr": 1e-3, "sampling.cfg_scale": 1.0}
     logged = space.to_dict()
     assert logged["confirm"] == {"top_k": 2, "seeds": [5, 6], "baseline": {"optim.lr": 1e-3, "sampling.cfg_scale": 1.0}}
-    assert SearchSpace.from_dict(logged, "again.yaml").confirm == space.confirm  # parses back
+    assert SearchSpace(logged, "again.yaml").confirm == space.confirm  # parses back
     smoke = tiny_space([], {"top_k": 3, "seeds": [5, 6, 7]}).smoke().confirm
     assert (smoke.top_k, smoke.seeds) == (1, [5, 6])
     assert tiny_space([], {"top_k": 3, "seeds": 4}).smoke().confirm.seeds == 2

@@ -13,7 +13,6 @@ import resource
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

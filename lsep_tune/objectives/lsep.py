@@ -94,7 +94,6 @@ class LSEP(Regularizer):
         return (tokens.float() * mask[:, :, None]).sum(1) / (window * window)  # (N, D)
 
     def forward(self, sit, batch, features, draws, teacher) -> RegularizerOutput:
-        k = self.cfg.encoder_depth
         probe_dropped = draws.rand_host() < self.cfg.uncond_prob
         y_probe = drop_labels(batch.y, draws.to_device(probe_dropped), sit.null_class)
         logits = self.probe(self.pool(self.probe_tokens(sit, batch, features, y_probe, probe_dropped), draws))

@@ -246,14 +246,6 @@ class Budget(Strict):
     max_failures: int = Field(0, ge=0)
     time_budget_s: float | None = Field(None, gt=0)
 
-    @property
-    def resources_per_worker(self) -> dict[str, float]:
-        return {"CPU": self.cpus_per_worker, "GPU": self.gpus_per_worker}
-
-    @property
-    def use_gpu(self) -> bool:
-        return self.gpus_per_worker > 0
-
 
 FRESH_SEED_OFFSET = 1000  # confirmation seeds start this far above the search's: never one it trained
 

@@ -165,10 +165,6 @@ class SearchSpace:
 
     # ----- public API ------------------------------------------------------------------------
 
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], source: str = "<space>", base_dir: str | Path = ".") -> "SearchSpace":
-        return cls(data, source, base_dir)
-
     @property
     def name(self) -> str:
         return Path(self.source.split(" (")[0]).stem

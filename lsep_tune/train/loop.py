@@ -14,7 +14,7 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
-from lsep_tune.checkpoint import save_ema
+from lsep_tune.checkpoint import EMA_FILE, save_ema
 from lsep_tune.config import Config, dump_config
 from lsep_tune.data.loader import StepBatches, load_dataset
 from lsep_tune.evaluation.in_training import evaluate_samples
@@ -346,7 +346,7 @@ def train_loop(cfg: Config, ctx) -> dict:
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
     ema_path = None
     if is_main:
-        ema_path = save_ema(out / "ema_final.pt", max(cfg.run.max_steps, start_step), ema.module.sit.state_dict(),
+        ema_path = save_ema(out / EMA_FILE, max(cfg.run.max_steps, start_step), ema.module.sit.state_dict(),
                             cfg.to_dict())
         ctx.log_artifact(ema_path, "checkpoints")
     clock.charge("checkpoint")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.distributed import DIVERGED_FILE, DIVERGED_KEY
 
@@ -43,8 +41,7 @@ def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_
 
     from lsep_tune.train.loop import TrainingDiverged, train_loop
 
-    device = "cuda" if torch.cuda.is_available() and torch.cuda.device_count() > 0 else "cpu"
-    ctx = TuneContext(output, cfg.run.keep_checkpoints, device=device)
+    ctx = TuneContext(output, cfg.run.keep_checkpoints)  # the local device: cuda where Tune gave a GPU
     if mlflow_uri and mlflow_run_id:
         from lsep_tune.tracking import RunTracker
 
