@@ -343,3 +343,36 @@ def test_missing_data_and_a_gpu_trial_on_a_cpu_machine_fail_before_ray(tmp_path,
     assert err.startswith(f"error: {path}: budget.gpus_per_worker: one trial needs more than this machine has")
     assert len(err.splitlines()) == 1
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
+
+
+def test_live_table_prints_with_conditional_params(tmp_path, capsys):
+    """The digits space samples some params only under a condition; Tune's table (and its "best trial"
+    line, which looks each column up in the best trial's config) must print for a trial without them."""
+    from ray.tune.experiment import Trial
+
+    from lsep_tune.search.runner import progress_table
+    from lsep_tune.search.space import load_space
+
+    space = load_space("digits")
+    point = space.points_to_evaluate[0]  # weights_type "steps": objective.lsep.weight was not sampled
+    assert "objective.lsep.weight" in space.params and "objective.lsep.weight" not in point
+    table = progress_table(space)
+    table.setup(metric="fid", mode="min")
+    table.set_start_time(time.time())
+    from ray.train._internal.storage import StorageContext
+
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="search", trial_dir_name="t")
+    trial = Trial("trial_main", config=dict(point), stub=True, storage=storage)
+    trial.update_last_result({"fid": 30.0, "step": 1000, "training_iteration": 1, "time_total_s": 1.0,
+                              "config": dict(point)})  # what Tune puts in every result
+    import ray
+
+    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:  # a trial's name and folder are read from the running Ray's session
+        table.report([trial], False)
+    finally:
+        ray.shutdown()
+    printed = capsys.readouterr().out
+    assert "Current best trial" in printed and "fid=30" in printed
+    header = next(line for line in printed.splitlines() if "Trial name" in line)
+    assert "fid" in header and "step" in header  # the searched metric and the step are columns

@@ -119,6 +119,17 @@ def _trial(tune_config: dict, space: ArmSpace, paths, role: str) -> None:
     trial_main(tune_config, space=space, paths=paths)
 
 
+def arms_table():
+    """Tune's live table for arms x seeds: which run is where, by arm and seed (status lines only)."""
+    import os
+
+    from ray.tune import CLIReporter
+
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the table whose columns can be chosen
+    return CLIReporter(metric_columns={"step": "step"}, parameter_columns={"arm": "arm", "seed": "seed"},
+                       max_report_frequency=30)
+
+
 def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, role: str) -> dict[str, dict[int, dict]]:
     """Train every arm on every seed (Ray must be connected); returns {arm: {seed: last report}},
     where a failed or diverged run's report is {} (no value). Every run ends in its true MLflow state;
@@ -143,7 +154,8 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
                                   # once more after a lost worker (e.g. a node out of memory); it
                                   # resumes from its checkpoint into the same MLflow run
                                   failure_config=tune.FailureConfig(max_failures=1),
-                                  callbacks=[ArmRuns(paths, space, role)]),
+                                  callbacks=[ArmRuns(paths, space, role)],
+                                  progress_reporter=arms_table(), verbose=1),
     )
     try:
         try:

@@ -265,7 +265,9 @@ def progress_table(space):
     # Tune's newer table shows the first four metrics a trial reports, not the searched one.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     columns = {"step": "step", **{m: m for m in space.metric_names}}
-    params = {p: p.rsplit(".", 1)[-1] for p in space.params}
+    # Only params every trial has: Tune's "best trial" line looks each column up in the best trial's
+    # config and fails on a conditional param that trial did not sample (its value is in MLflow).
+    params = {p: p.rsplit(".", 1)[-1] for p, param in space.params.items() if not param.when}
     return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
                        sort_by_metric=True)  # ranked on TuneConfig's metric
 
@@ -294,6 +296,7 @@ def fit(space, paths: SearchPaths, resume: bool):
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space)),
+                                      callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space),
+                                      verbose=1),  # the live table only: no per-report result dumps
         )
     return tuner.fit()

@@ -314,7 +314,7 @@ def train_loop(cfg: Config, ctx) -> dict:
                 clock.charge("eval")
             last_metrics.update(last_eval)  # carried forward, so every later report holds the metric
             bar.set_postfix({k: f"{last_metrics[k]:.4g}" for k in ("loss", "probe_acc") if k in last_metrics})
-            if is_main and bar.disable:
+            if is_main and bar.disable and getattr(ctx, "echo_steps", True):
                 shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(last_metrics.items()))
                 print(f"step {done}/{cfg.run.max_steps} {shown}", flush=True)
             train_state = None

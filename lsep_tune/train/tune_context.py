@@ -23,6 +23,8 @@ class TuneContext(LocalContext):
     them there under the same trial id, whether or not Tune had synced its state before the kill.
     """
 
+    echo_steps = False  # the search's live table shows the trial; its step lines would flood the console
+
     def __init__(self, output_dir: str | Path, keep_checkpoints: int, device: str | None = None):
         super().__init__(output_dir, keep_checkpoints, device=device, resume_from=output_dir, progress=False)
 
