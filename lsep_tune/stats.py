@@ -131,6 +131,13 @@ def decide(values: dict[str, Sequence[float]], baseline: str, mode: str, metric:
         seeds = max((d.n for d in diffs.values()), default=0)
         verdict = (f"{NO_DIFFERENCE}: no configuration beats the baseline {baseline} on {metric} "
                    f"({len(others)} compared, paired over {seeds} seeds, Bonferroni-adjusted); keeping the baseline")
+        finite = [n for n in others if math.isfinite(diffs[n].mean)]
+        if finite:  # the candidate that came closest, with its interval: how much the seeds could tell
+            sign = 1.0 if mode == "min" else -1.0
+            near = min(finite, key=lambda n: sign * diffs[n].mean)
+            d = diffs[near]
+            verdict += (f"; closest: {near} {d.mean:+.4g} (95% CI {d.ci_low:+.4g} to {d.ci_high:+.4g})"
+                        if math.isfinite(d.ci_low) else f"; closest: {near} {d.mean:+.4g} (no interval)")
         return Decision(baseline, verdict, diffs, adjusted, wins)
     sign = 1.0 if mode == "min" else -1.0
     winner = min(better, key=lambda n: sign * diffs[n].mean)

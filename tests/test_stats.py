@@ -69,6 +69,11 @@ def test_decide_keeps_the_baseline_when_nothing_beats_it():
     values = {"base": [10.0, 12.0, 11.0], "twin": [10.0, 12.0, 11.0]}
     dec = decide(values, "base", "min", "fid")
     assert dec.winner == "base" and NO_DIFFERENCE in dec.verdict
+    # The verdict says how close the nearest candidate came, with its interval.
+    dec = decide({"base": [10.0, 12.0, 11.0], "near": [9.0, 12.5, 10.0], "far": [12.0, 13.0, 12.5]}, "base", "min")
+    d = dec.differences["near"]
+    assert dec.winner == "base" and d.ci_low < 0 < d.ci_high
+    assert dec.verdict.endswith(f"; closest: near {d.mean:+.4g} (95% CI {d.ci_low:+.4g} to {d.ci_high:+.4g})")
     # Better in the wrong direction is not a win either.
     dec = decide({"base": [1.0, 2.0, 3.0], "worse": [2.0, 3.0, 4.0]}, "base", "min")
     assert dec.winner == "base"

@@ -149,7 +149,9 @@ def print_summary(summary: dict, output: Path, ui_command: str) -> None:
         if confirmation:
             print(f"confirmation: {confirmation['verdict']}")
             if confirmation["winner"] == confirmation["baseline"]:
-                print(f"best.yaml holds the baseline ({confirmation['configs'][0]['origin']}), not the search's best trial")
+                same = confirmation.get("winner_params") == summary["best_params"]
+                print(f"best.yaml holds the baseline ({confirmation['configs'][0]['origin']})"
+                      + (", which is also the search's best trial" if same else ", not the search's best trial"))
         print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")
     else:
         print("no trial finished with a metric")
