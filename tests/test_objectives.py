@@ -223,18 +223,28 @@ def test_sra_losses_and_cosine_axis():
     torch.testing.assert_close(alignment_loss(s, t, SRAConfig(loss_type="sml1")), sml1)
 
 
-@pytest.mark.parametrize("lsep,sra", [(False, False), (True, False), (False, True), (True, True)])
-def test_regularizers_compose_from_config(digits_cfg, lsep, sra):
+@pytest.mark.parametrize("lsep,sra,repa", [(False, False, False), (True, False, False), (False, True, False),
+                                            (True, True, False), (False, False, True), (True, False, True),
+                                            (False, True, True)])
+def test_regularizers_compose_from_config(digits_cfg, lsep, sra, repa):
     cfg = digits_cfg.model_copy(deep=True)
     cfg.objective.lsep.enabled = lsep
     cfg.objective.sra.enabled = sra
+    extras = None
+    if repa:  # LSEP+REPA and SRA+REPA compose from config, REPA's target arriving with the batch
+        cfg.objective.repa.enabled = True
+        cfg.objective.repa.encoder_depth, cfg.objective.repa.encoder_dim = 2, 12
+        cfg.objective.repa.projector_dim = 16
+        extras = {"repa_target": torch.randn(8, 16, 12)}  # a 4 x 4 grid of 12-channel encoder tokens
     objective = build_objective(cfg)
-    assert set(objective.regularizers) == {n for n, on in (("lsep", lsep), ("sra", sra)) if on}
+    assert set(objective.regularizers) == {n for n, on in (("lsep", lsep), ("sra", sra), ("repa", repa)) if on}
     loss, metrics = objective(torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)), draws(8),
-                              teacher=copy.deepcopy(objective.sit).eval())
-    assert ("probe_acc" in metrics) == lsep and ("sra_loss" in metrics) == sra
+                              teacher=copy.deepcopy(objective.sit).eval(), extras=extras)
+    assert ("probe_acc" in metrics) == lsep and ("sra_loss" in metrics) == sra and ("repa_loss" in metrics) == repa
+    if repa:
+        assert metrics["repa_loss"] > 0
     extra = sum(v for k, v in metrics.items() if k == "sra_loss") if sra else 0
-    if not lsep and not sra:
+    if not (lsep or sra or repa):
         torch.testing.assert_close(loss.detach(), metrics["flow_loss"])
     else:
         assert loss.item() > metrics["flow_loss"].item() or extra == 0
