@@ -380,3 +380,11 @@ def test_shipped_spaces_are_package_data_of_a_non_editable_install(tmp_path):
                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}, check=True).stdout.splitlines()
     assert out[0].startswith(str(target))
     assert out[1].split() == [f"search_spaces/{name}.yaml" for name in sorted(SHIPPED)]
+    # The installed command finds a shipped space by name from that folder and runs up to its data
+    # pre-flight (the ImageNet latents are not here): the wheel's CLI, spaces and presets at work.
+    cli = subprocess.run([sys.executable, "-m", "lsep_tune.search", "--space", "lsep-sit-b2-imagenet256",
+                          "--output", str(elsewhere / "out")], capture_output=True, text=True, cwd=elsewhere,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)})
+    assert cli.returncode == 2, cli.stderr[-2000:]
+    assert cli.stderr.strip() == ("error: data/imagenet256-latents: data.path: no such folder; create it with "
+                                  "python -m lsep_tune.preprocess --images IMAGE_FOLDER --out data/imagenet256-latents")
