@@ -32,6 +32,21 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def no_local_ray(monkeypatch):
+    """Fail the test if anything starts a Ray in this process: for requests that must be refused first."""
+    import ray
+
+    ray.shutdown()  # whatever an earlier test of this process left running
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a Ray was started for a request that should have been refused before it")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    return ray
+
+
 class MlflowServer:
     def __init__(self, root):
         import subprocess

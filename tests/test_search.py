@@ -314,18 +314,10 @@ def test_bad_output_and_a_trial_larger_than_the_machine_fail_before_ray(tmp_path
     assert not ray.is_initialized() and not (tmp_path / "out").exists()
 
 
-def test_missing_data_and_a_gpu_trial_on_a_cpu_machine_fail_before_ray(tmp_path, capsys, monkeypatch):
+def test_missing_data_and_a_gpu_trial_on_a_cpu_machine_fail_before_ray(tmp_path, capsys, monkeypatch, no_local_ray):
     """A shipped ImageNet space without its latents, and a space asking for a GPU this machine does not
     have: one line each, exit 2, no Ray started, no folder made."""
-    import ray
-
-    ray.shutdown()
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("Ray was started for a request refused by what could be checked before")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    ray = no_local_ray
     monkeypatch.chdir(tmp_path)  # the space's relative data.path resolves here, where nothing is
     assert main(["--space", "lsep-sit-b2-imagenet256", "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

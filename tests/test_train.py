@@ -152,19 +152,10 @@ def test_bf16_autocast_path_trains(tmp_path):
     assert summary["final_metrics"]["sra_loss"] > 0
 
 
-def test_too_many_workers_refused_before_a_local_ray_starts(tmp_path, capsys, monkeypatch):
+def test_too_many_workers_refused_before_a_local_ray_starts(tmp_path, capsys, no_local_ray):
     """More workers than this machine has CPUs: one line, exit 2, no Ray started, no folder made."""
-    import ray
-
     from lsep_tune.cluster import machine_resources
 
-    def no_ray(*args, **kwargs):
-        raise AssertionError("a local Ray was started for a request it could not hold")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        pytest.skip("a Ray is already running in this process")
     workers = int(machine_resources()["CPU"]) + 1
     out = tmp_path / "run"
     assert main(["--preset", "digits", "--workers", str(workers), "--output", str(out)]) == 2
@@ -174,17 +165,8 @@ def test_too_many_workers_refused_before_a_local_ray_starts(tmp_path, capsys, mo
     assert not out.exists()
 
 
-def test_unreachable_mlflow_server_refused_before_a_local_ray_starts(tmp_path, capsys, monkeypatch):
+def test_unreachable_mlflow_server_refused_before_a_local_ray_starts(tmp_path, capsys, no_local_ray):
     """A given --mlflow-uri that cannot be reached: one line, exit 2, no Ray started, no folder made."""
-    import ray
-
-    def no_ray(*args, **kwargs):
-        raise AssertionError("a local Ray was started before the MLflow server was checked")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    if ray.is_initialized():
-        pytest.skip("a Ray is already running in this process")
     out = tmp_path / "run"
     assert main(["--preset", "digits", "--workers", "1", "--mlflow-uri", "http://127.0.0.1:9", "--output", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
