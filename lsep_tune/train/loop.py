@@ -338,9 +338,11 @@ def train_loop(cfg: Config, ctx) -> dict:
     if resumed_at_end:
         last_metrics = final_record
         ctx.report(last_metrics, start_step)
+        # Ended before (rank 0 decides for all, whatever storage the others see): its EMA, final
+        # evaluation and summary stand.
         finished = out / "summary.json"
-        if finished.exists():  # it had ended before: its EMA, final evaluation and summary stand
-            return json.loads(finished.read_text())
+        if ctx.all_gather(is_main and finished.exists())[0]:
+            return json.loads(finished.read_text()) if is_main else {}
 
     # Every rank's parameters and EMA should be bit-identical under DDP: a digest per rank shows it.
     digests = ctx.all_gather(parameter_digest(objective) + "-" + parameter_digest(ema.module))
