@@ -348,6 +348,9 @@ def test_live_table_prints_with_conditional_params(tmp_path, capsys):
     space = load_space("digits")
     point = space.points_to_evaluate[0]  # weights_type "steps": objective.lsep.weight was not sampled
     assert "objective.lsep.weight" in space.params and "objective.lsep.weight" not in point
+    from ray.tune.utils.log import Verbosity, set_verbosity
+
+    set_verbosity(Verbosity.V1_EXPERIMENT)  # what an earlier search of this process leaves (verbose=1)
     table = progress_table(space)
     table.setup(metric="fid", mode="min")
     table.set_start_time(time.time())
@@ -364,7 +367,9 @@ def test_live_table_prints_with_conditional_params(tmp_path, capsys):
         table.report([trial], False)
     finally:
         ray.shutdown()
+        set_verbosity(Verbosity.V3_TRIAL_DETAILS)  # Tune's default, for whatever runs next
     printed = capsys.readouterr().out
     assert "Current best trial" in printed and "fid=30" in printed
-    header = next(line for line in printed.splitlines() if "Trial name" in line)
+    header = next((line for line in printed.splitlines() if "Trial name" in line), None)
+    assert header, printed
     assert "fid" in header and "step" in header  # the searched metric and the step are columns

@@ -127,7 +127,7 @@ def arms_table():
 
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the table whose columns can be chosen
     return CLIReporter(metric_columns={"step": "step"}, parameter_columns={"arm": "arm", "seed": "seed"},
-                       max_report_frequency=30)
+                       max_report_frequency=30, print_intermediate_tables=True)  # see runner.progress_table
 
 
 def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, role: str) -> dict[str, dict[int, dict]]:

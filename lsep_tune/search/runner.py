@@ -268,8 +268,10 @@ def progress_table(space):
     # Only params every trial has: Tune's "best trial" line looks each column up in the best trial's
     # config and fails on a conditional param that trial did not sample (its value is in MLflow).
     params = {p: p.rsplit(".", 1)[-1] for p, param in space.params.items() if not param.when}
+    # print_intermediate_tables: its default follows the verbosity the previous Tune run of this process
+    # left behind (verbose=1 -> no table), so a second run (the confirmation) would lose its table.
     return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
-                       sort_by_metric=True)  # ranked on TuneConfig's metric
+                       sort_by_metric=True, print_intermediate_tables=True)  # ranked on TuneConfig's metric
 
 
 def fit(space, paths: SearchPaths, resume: bool):
