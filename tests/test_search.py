@@ -373,3 +373,30 @@ def test_live_table_prints_with_conditional_params(tmp_path, capsys):
     header = next((line for line in printed.splitlines() if "Trial name" in line), None)
     assert header, printed
     assert "fid" in header and "step" in header  # the searched metric and the step are columns
+
+
+def test_a_trial_the_study_finished_may_report_its_end_again(tmp_path):
+    """A search resumed after its driver died before Tune saved that a trial had ended runs that trial
+    again, and it reports its end again: the searcher keeps the study's record instead of failing."""
+    import optuna
+
+    from lsep_tune.search.searcher import make_searcher
+    from lsep_tune.search.space import load_space
+
+    space = load_space(write_space(tmp_path / "space.yaml", [GOOD], num_samples=2, scheduler={"type": "none"}))
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    searcher = make_searcher(space, storage).searcher
+    assert searcher.suggest("t1") == GOOD | {"objective.lsep.uncond_prob": 0.9}
+    end = {"flow_loss": 0.5, "step": space.budget.max_steps}
+    searcher.on_trial_result("t1", {"flow_loss": 0.7, "step": 10})
+    searcher.save(str(tmp_path / "searcher.pkl"))  # Tune's last saved state: t1 still running
+    searcher.on_trial_result("t1", end)
+    searcher.on_trial_complete("t1", end)  # the study records it; then the driver is killed
+    resumed = make_searcher(space, storage).searcher
+    resumed.restore(str(tmp_path / "searcher.pkl"))
+    resumed.on_trial_result("t1", end)  # the rerun's report of the same end
+    study = optuna.load_study(study_name="lsep_tune", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    # (the second searcher built here queued the first point again, as a WAITING trial; Tune's own
+    # restore does not build one)
+    finished = [(t.number, t.state, t.value) for t in study.trials if t.state.is_finished()]
+    assert finished == [(0, optuna.trial.TrialState.COMPLETE, 0.5)]

@@ -52,7 +52,12 @@ class StudySearch(OptunaSearch):
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         if all(m in result for m in self._metrics):  # a divergence report carries no metric
             self._reported[trial_id] = result["step"]
-            super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result["step"]})
+            try:
+                super().on_trial_result(trial_id, {**result, TRAINING_ITERATION: result["step"]})
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # A search resumed after its driver died before Tune saved that this trial had ended:
+                # Tune runs it again, it reports its end again, and the study keeps what it recorded.
+                pass
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         worst = {m: penalty(mode) for m, mode in zip(self._metrics, self._modes)}
