@@ -178,7 +178,9 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
            "--mlflow-uri", mlflow_server.uri]
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
-    # Kill once the first trial has finished and the second has written a checkpoint.
+    # Kill once the first trial has finished and the second has written a checkpoint that Tune's saved
+    # experiment state knows of (a trial started after Tune's last save is new to a resumed search:
+    # it starts over under a new id, its checkpoint unused).
     deadline = time.time() + 400
     while time.time() < deadline:
         done = list(out.glob("trial_runs/*/summary.json"))
@@ -186,7 +188,8 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
         # A one-worker trial trains inside its Tune trial and keeps its checkpoints in its run folder.
         ckpts = [p for p in out.glob("trial_runs/*/checkpoints/step_*/state.pt")
                  if p.parent.parent.parent.name not in finished]
-        if len(done) >= 1 and ckpts:
+        saved = "".join(f.read_text() for f in out.glob("tune/search/experiment_state-*.json"))
+        if len(done) >= 1 and any(p.parent.parent.parent.name in saved for p in ckpts):  # the trial id
             break
         assert proc.poll() is None, open(tmp_path / "first.log").read()[-3000:]
         time.sleep(0.2)

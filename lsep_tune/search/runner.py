@@ -278,6 +278,11 @@ def fit(space, paths: SearchPaths, resume: bool):
     """The Tuner run, new or restored; returns Tune's ResultGrid."""
     from ray import tune
 
+    # Tune saves its experiment state at most every 10 s by default; a trial started (or ended) after
+    # the last save is unknown to --resume, which then trains it again from the start. Every 2 s
+    # costs a few ms per save at this size.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+
     trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
                                     trial_resources(space.budget))
     tune_path = paths.tune_root / "search"
