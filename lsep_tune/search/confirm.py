@@ -120,14 +120,10 @@ def _trial(tune_config: dict, space: ArmSpace, paths, role: str) -> None:
 
 
 def arms_table():
-    """Tune's live table for arms x seeds: which run is where, by arm and seed (status lines only)."""
-    import os
+    """Tune's live table for arms x seeds: which run is where, by arm and seed."""
+    from lsep_tune.search.runner import live_table
 
-    from ray.tune import CLIReporter
-
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # the table whose columns can be chosen
-    return CLIReporter(metric_columns={"step": "step"}, parameter_columns={"arm": "arm", "seed": "seed"},
-                       max_report_frequency=30, print_intermediate_tables=True)  # see runner.progress_table
+    return live_table({"step": "step"}, {"arm": "arm", "seed": "seed"})
 
 
 def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, role: str) -> dict[str, dict[int, dict]]:

@@ -258,20 +258,25 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     return summary
 
 
-def progress_table(space):
-    """Tune's live table with the searched metric(s) and the training step, params by their short names."""
+def live_table(metric_columns: dict, parameter_columns: dict, **options):
+    """Tune's live table, the same for a search and for its confirmation (or an ablation)."""
     from ray.tune import CLIReporter
 
-    # Tune's newer table shows the first four metrics a trial reports, not the searched one.
+    # Tune's newer table shows the first four metrics a trial reports, not the ones asked for.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    # print_intermediate_tables: its default follows the verbosity the previous Tune run of this process
+    # left behind (verbose=1 -> no table), so a second run (the confirmation) would lose its table.
+    return CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
+                       max_report_frequency=30, print_intermediate_tables=True, **options)
+
+
+def progress_table(space):
+    """The search's live table: the searched metric(s) and the training step, params by short names."""
     columns = {"step": "step", **{m: m for m in space.metric_names}}
     # Only params every trial has: Tune's "best trial" line looks each column up in the best trial's
     # config and fails on a conditional param that trial did not sample (its value is in MLflow).
     params = {p: p.rsplit(".", 1)[-1] for p, param in space.params.items() if not param.when}
-    # print_intermediate_tables: its default follows the verbosity the previous Tune run of this process
-    # left behind (verbose=1 -> no table), so a second run (the confirmation) would lose its table.
-    return CLIReporter(metric_columns=columns, parameter_columns=params, max_report_frequency=30,
-                       sort_by_metric=True, print_intermediate_tables=True)  # ranked on TuneConfig's metric
+    return live_table(columns, params, sort_by_metric=True)  # ranked on TuneConfig's metric
 
 
 def fit(space, paths: SearchPaths, resume: bool):

@@ -91,10 +91,11 @@ def prepare(args: argparse.Namespace):
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
     uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
-    if uri != tracking.default_uri(output):  # a given store is checked before Ray starts
-        problem = tracking.check_uri(uri)
-        if problem:
-            raise InputError("--mlflow-uri", uri, problem)
+    # A given store is checked before Ray starts; the default one lies in the output folder, which its
+    # check may create, so that waits until Ray has accepted the run.
+    given = uri != tracking.default_uri(output)
+    if given:
+        check_mlflow(uri)
     placement = paths = None
     if args.workers > 0:
         from lsep_tune.train.distributed import RunPaths
@@ -105,10 +106,17 @@ def prepare(args: argparse.Namespace):
         args.started_ray = connect_ray(args.address, placement)
         paths = RunPaths(output=str(output.resolve()), storage=storage, name=previous.get("name", "train"),
                          mlflow_uri=uri, resume=bool(args.resume))
-    problem = tracking.check_uri(uri)  # the default store in the output folder: it may create the folder
+    if not given:
+        check_mlflow(uri)
+    return cfg, output, uri, previous, placement, paths
+
+
+def check_mlflow(uri: str) -> None:
+    from lsep_tune import tracking
+
+    problem = tracking.check_uri(uri)
     if problem:
         raise InputError("--mlflow-uri", uri, problem)
-    return cfg, output, uri, previous, placement, paths
 
 
 def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int, device: str) -> str:
