@@ -14,8 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, create_model, field_validator, model_validator
 
-from lsep_tune.models.sit import model_names, parse_model_name
+from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
+from lsep_tune.models.sit import model_names, parse_model_name
 from lsep_tune.schema import FieldError, StrictModel
 
 
@@ -49,20 +50,31 @@ class ModelConfig(StrictModel):
 
 
 class DataConfig(StrictModel):
-    kind: Literal["digits", "latents", "images"] = "latents"
+    kind: str = Field("latents", description="a name in data.DATASETS: digits, images or latents")
     path: str | None = Field(None, description="output folder of `python -m lsep_tune.preprocess`: manifest.json "
                              "and shard-*.npy (SD-VAE posteriors of each image and its flip)")
     latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to each posterior sample")
     vae_path: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes the latents")
     batch_size: int = Field(256, gt=0, description="global batch = batch_size x workers x grad_accum_steps")
 
+    @field_validator("kind")
+    @classmethod
+    def _known_kind(cls, kind: str) -> str:
+        if kind not in DATASETS:
+            raise ValueError(f"unknown data kind {kind!r}, expected one of {', '.join(DATASETS)}")
+        return kind
+
     @model_validator(mode="after")
-    def _path_for_latents(self) -> "DataConfig":
-        if self.kind == "latents" and not self.path:
-            raise ValueError("data.kind 'latents' needs data.path (the output folder of lsep_tune.preprocess)")
-        if self.kind == "images" and not self.path:
-            raise ValueError("data.kind 'images' needs data.path (a folder with one sub-folder of images per class)")
+    def _path_when_read(self) -> "DataConfig":
+        hint = DATASETS[self.kind].path_hint
+        if hint and not self.path:
+            raise ValueError(f"data.kind {self.kind!r} needs data.path ({hint})")
         return self
+
+    @property
+    def latent(self) -> bool:
+        """Whether samples are SD-VAE latents (decoded for FID, shown as channels in grids)."""
+        return DATASETS[self.kind].latent
 
 
 class FlowConfig(StrictModel):
@@ -101,21 +113,33 @@ class EMAConfig(StrictModel):
 
 
 class SamplingConfig(StrictModel):
-    mode: Literal["ode-euler", "ode-heun", "sde", "ode-heun-full", "sde-uniform"] = Field(
-        "sde", description="'sde' and 'ode-heun' are the published samplers; '-full' / '-uniform' the earlier "
-        "variants (see lsep_tune/sample/solvers.py)")
+    mode: str = Field(
+        "sde", description="a name in sample.solvers.SOLVERS: 'sde' and 'ode-heun' are the published samplers, "
+        "'ode-euler', and 'ode-heun-full' / 'sde-uniform' the earlier variants")
     steps: int = Field(250, ge=1, description="'sde': grid points from 1 to 0.04, plus the last step to 0")
     cfg_scale: float = Field(1.0, ge=1.0)
     guidance_low: float = Field(0.0, ge=0.0, le=1.0, description="CFG only for t in [guidance_low, guidance_high]")
     guidance_high: float = Field(1.0, ge=0.0, le=1.0)
     grid_images: int = Field(16, ge=1, description="images in the sample-grid PNG")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        from lsep_tune.sample.solvers import SOLVERS  # not at the top: the sample package imports this module
+
+        if mode not in SOLVERS:
+            raise ValueError(f"unknown sampler {mode!r}, expected one of {', '.join(SOLVERS)}")
+        return mode
+
     @model_validator(mode="after")
     def _interval(self) -> "SamplingConfig":
+        from lsep_tune.sample.solvers import SOLVERS
+
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
-        if self.mode == "sde" and self.steps < 2:
-            raise FieldError("sampling.steps", "the published SDE sampler needs at least 2 steps (its grid ends at 0.04)")
+        least = SOLVERS[self.mode].min_steps
+        if self.steps < least:
+            raise FieldError("sampling.steps", f"the {self.mode!r} sampler needs at least {least} steps")
         return self
 
 
@@ -162,20 +186,12 @@ class Config(StrictModel):
                     section.check(depth, grid)
                 except FieldError as err:
                     raise FieldError(f"objective.{name}.{err.field}", f"{err} ({self.model.name})") from None
-        if self.data.kind == "digits":
-            from lsep_tune.data import digits
-
-            expected = (digits.IMAGE_SIZE, digits.CHANNELS, digits.NUM_CLASSES)
-            got = (self.model.input_size, self.model.in_channels, self.model.num_classes)
-            if got != expected:
-                raise FieldError(
-                    "model", f"digits data needs input_size/in_channels/num_classes = {expected}, got {got}"
-                )
+        DATASETS[self.data.kind].check_config(self)
         return self
 
     @model_validator(mode="after")
     def _evaluation_fits(self) -> "Config":
-        if self.run.eval_every and self.data.kind == "latents" and not self.data.vae_path:
+        if self.run.eval_every and self.data.latent and not self.data.vae_path:
             raise FieldError("data.vae_path", "in-training evaluation of a latent model needs the SD-VAE folder")
         return self
 

@@ -224,3 +224,53 @@ def test_image_folder_dataset_crops_flips_per_step_and_trains(tmp_path):
     assert main(["--config", str(tmp_path / "cfg.yaml"), "--max-steps", "3", "--set", "data.batch_size=4",
                  "--set", "sampling.steps=2", "--set", "sampling.grid_images=4", "--output", str(tmp_path / "run")]) == 0
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["final_step"] == 3
+
+
+def test_a_dataset_is_one_source_class_plus_one_registry_line(tmp_path, monkeypatch):
+    """A kind registered in DATASETS is accepted by the config, checked at load time and before the run,
+    and is what training reads: nothing else names it."""
+    from lsep_tune.data import DATASETS
+    from lsep_tune.data.base import ArrayDataset, DataSource
+    from lsep_tune.schema import FieldError
+    from lsep_tune.train.__main__ import main
+
+    read = []
+
+    class Stripes(DataSource):
+        path_hint = "a folder holding stripes.npy"
+
+        @classmethod
+        def check_config(cls, cfg):
+            if cfg.model.in_channels != 2:
+                raise FieldError("model.in_channels", "stripes have 2 channels")
+
+        @classmethod
+        def check_available(cls, data_cfg, cfg=None):
+            if not (Path(data_cfg.path) / "stripes.npy").is_file():
+                raise InputError(data_cfg.path, "data.path", "no stripes.npy")
+
+        @classmethod
+        def load(cls, data_cfg, split, features, image_size):
+            images = np.load(Path(data_cfg.path) / "stripes.npy")
+            read.append(split)
+            return ArrayDataset(images, np.arange(len(images)) % 3)
+
+    monkeypatch.setitem(DATASETS, "stripes", Stripes)
+    sets = ["data.kind=stripes", "model.name=SiT-Tiny/2", "model.num_classes=3", "objective.lsep.encoder_depth=2",
+            "objective.lsep.crop_start=null", "run.eval_every=0"]
+    with pytest.raises(InputError, match="data.kind 'stripes' needs data.path"):
+        load_config(preset="digits", overrides=sets + ["model.in_channels=2"])
+    with pytest.raises(InputError, match="model.in_channels: stripes have 2 channels"):
+        load_config(preset="digits", overrides=sets + [f"data.path={tmp_path}", "model.in_channels=1"])
+    with pytest.raises(InputError, match="unknown data kind 'stipes', expected one of digits, images, latents, "
+                                         "stripes"):
+        load_config(preset="digits", overrides=[*sets, "data.kind=stipes"])
+    out = tmp_path / "run"
+    args = ["--preset", "digits", "--max-steps", "3", "--output", str(out), "--set", "data.batch_size=4",
+            "--set", "sampling.steps=2", "--set", "sampling.grid_images=4", "--set", f"data.path={tmp_path}",
+            "--set", "model.in_channels=2"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 2 and not out.exists()  # refused before anything is created
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "stripes.npy", rng.standard_normal((12, 2, 8, 8)).astype(np.float32))
+    assert main(args) == 0 and read == ["train"]
+    assert json.loads((out / "summary.json").read_text())["final_step"] == 3

@@ -150,3 +150,28 @@ def test_full_heun_variant_runs_every_corrector_and_guides_by_its_own_time():
     expected = [(1.0, False), (0.75, False), (0.75, False), (0.5, True), (0.5, True), (0.25, True),
                 (0.25, True), (0.0, True)]
     assert [(pytest.approx(t), g) for t, g in rec.calls] == expected
+
+
+def test_a_sampler_is_one_solver_class_plus_one_registry_line(monkeypatch):
+    """A solver registered in SOLVERS is what `sample` runs and what `sampling.mode` accepts, steps checked."""
+    from lsep_tune.config import load_config
+    from lsep_tune.errors import InputError
+    from lsep_tune.sample.solvers import SOLVERS, Solver
+
+    class Midpoint(Solver):
+        min_steps = 3
+
+        def step(self, v_fn, x, t_cur, t_next, last, path_type, generator):
+            h = t_cur - t_next
+            return x - h * v_fn(x - 0.5 * h * v_fn(x, t_cur), t_cur - 0.5 * h)
+
+    monkeypatch.setitem(SOLVERS, "ode-midpoint", Midpoint())
+    v = exact_velocity(torch.tensor([M]), torch.tensor([S]))
+    noise = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    x = sample(v, noise, torch.zeros(40000, dtype=torch.long), mode="ode-midpoint", steps=40, null_class=1)
+    assert abs(x.mean().item() - M) < 0.02 and abs(x.std().item() - S) < 0.02
+    assert load_config(preset="digits", overrides=["sampling.mode=ode-midpoint", "sampling.steps=3"]).sampling.steps == 3
+    with pytest.raises(InputError, match="sampling.steps: the 'ode-midpoint' sampler needs at least 3 steps"):
+        load_config(preset="digits", overrides=["sampling.mode=ode-midpoint", "sampling.steps=2"])
+    with pytest.raises(InputError, match="unknown sampler 'ode-mid', expected one of .*ode-midpoint"):
+        load_config(preset="digits", overrides=["sampling.mode=ode-mid"])

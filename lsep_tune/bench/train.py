@@ -20,7 +20,7 @@ import torch
 from lsep_tune.bench.flops import device_peak, train_flops_per_image
 from lsep_tune.config import Config, parse_override, set_path, validate
 from lsep_tune.errors import InputError
-from lsep_tune.data.loader import ArrayDataset
+from lsep_tune.data.base import ArrayDataset
 from lsep_tune.objectives import REGULARIZERS
 
 

@@ -1,5 +1,21 @@
-"""Training data: the embedded digits, and the latent shards written by `lsep_tune.preprocess`."""
+"""Training data: the embedded digits, an image-class-folder tree, and the latent shards written by
+`lsep_tune.preprocess`.
+
+To add a dataset: write one module with a `base.DataSource` subclass, then add one line to DATASETS.
+`data.kind` accepts its name, and its checks run at load time and before Ray starts.
+"""
 from __future__ import annotations
+
+from lsep_tune.data.base import DataSource
+from lsep_tune.data.digits import Digits
+from lsep_tune.data.images import Images
+from lsep_tune.data.latents import Latents
+
+DATASETS: dict[str, type[DataSource]] = {
+    "digits": Digits,
+    "images": Images,
+    "latents": Latents,
+}
 
 
 def check_available(data_cfg, source: str = "config", cfg=None) -> None:
@@ -7,14 +23,7 @@ def check_available(data_cfg, source: str = "config", cfg=None) -> None:
     fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts.
     The errors name the data folder (or manifest file) as their source; `source` is accepted for the
     callers that pass the config's name."""
-    if data_cfg.kind == "digits":
-        return
-    if data_cfg.kind == "images":
-        from lsep_tune.data.images import check_image_folder
+    DATASETS[data_cfg.kind].check_available(data_cfg, cfg)
 
-        return check_image_folder(data_cfg.path)
-    from lsep_tune.data.latents import check_fits, read_manifest
 
-    manifest = read_manifest(data_cfg.path)
-    if cfg is not None:
-        check_fits(manifest, data_cfg.path, cfg)
+__all__ = ["DATASETS", "DataSource", "check_available"]

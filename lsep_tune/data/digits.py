@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lsep_tune.data.base import ArrayDataset, DataSource
+from lsep_tune.schema import FieldError
+
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
 CHANNELS = 1
@@ -47,3 +50,21 @@ def heldout_uint8() -> np.ndarray:
     """The held-out split as uint8 (N, 8, 8, 1): the reference set for digits FID."""
     images, _ = load_digits_split("heldout")
     return to_uint8(images)
+
+
+class Digits(DataSource):
+    """`data.kind: digits`: embedded, so always available; the model must match its 8x8x1, 10 classes."""
+
+    smoke_model = "SiT-Tiny/2"
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        expected = (IMAGE_SIZE, CHANNELS, NUM_CLASSES)
+        got = (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes)
+        if got != expected:
+            raise FieldError("model", f"digits data needs input_size/in_channels/num_classes = {expected}, got {got}")
+
+    @classmethod
+    def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> ArrayDataset:
+        images, labels = load_digits_split(split)
+        return ArrayDataset(images.numpy(), labels.numpy())

@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsep_tune.objectives.randomness import Draws
+from lsep_tune.data.base import DataSource
 from lsep_tune.errors import InputError
+from lsep_tune.objectives.randomness import Draws
 
 
 def check_image_folder(path) -> None:
@@ -52,3 +53,17 @@ class ImageFolder:
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         return x, self.labels[torch.from_numpy(idx)], {}
+
+
+class Images(DataSource):
+    """`data.kind: images`: pixels decoded and centre-cropped to `model.input_size` on every read."""
+
+    path_hint = "a folder with one sub-folder of images per class"
+
+    @classmethod
+    def check_available(cls, data_cfg, cfg=None) -> None:
+        check_image_folder(data_cfg.path)
+
+    @classmethod
+    def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> ImageFolder:
+        return ImageFolder(data_cfg.path, image_size)

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lsep_tune.objectives.randomness import Draws
+from lsep_tune.data.base import DataSource
 from lsep_tune.errors import InputError
+from lsep_tune.objectives.randomness import Draws
 
 FORMAT = "lsep_tune-latents/1"
 DATA_STREAM = 0x5EED_DA7A  # keeps the data draws apart from the objective's draws of the same step
@@ -131,3 +132,20 @@ class LatentShards:
         if self.features:
             extras["repa_target"] = torch.from_numpy(self._gather(self.features, idx, flip.astype(np.int64)))
         return z, y, extras
+
+
+class Latents(DataSource):
+    """`data.kind: latents`: the SD-VAE posteriors (and REPA features) written by preprocess."""
+
+    latent = True
+    path_hint = "the output folder of lsep_tune.preprocess"
+
+    @classmethod
+    def check_available(cls, data_cfg, cfg=None) -> None:
+        manifest = read_manifest(data_cfg.path)
+        if cfg is not None:
+            check_fits(manifest, data_cfg.path, cfg)
+
+    @classmethod
+    def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> LatentShards:
+        return LatentShards(data_cfg.path, scale=data_cfg.latent_scale, features=features)

@@ -13,43 +13,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
-from lsep_tune.data import digits
-from lsep_tune.data.images import ImageFolder
-from lsep_tune.data.latents import LatentShards, data_draws
-
-
-class ArrayDataset:
-    """Images (N, C, H, W) and labels (N,) held as arrays (in memory or memory-mapped)."""
-
-    read_ahead = False  # in memory: nothing to wait for
-
-    def __init__(self, images, labels, scale: float = 1.0, extras: dict | None = None):
-        if len(images) != len(labels):
-            raise ValueError(f"{len(images)} images but {len(labels)} labels")
-        self.images, self.labels, self.scale = images, labels, scale
-        self.extras = extras or {}  # per-sample arrays handed to the objective, e.g. REPA's "repa_target"
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def take(self, idx: np.ndarray, draws=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        order = np.argsort(idx, kind="stable")  # sorted reads suit memory maps
-        x = torch.as_tensor(np.asarray(self.images[idx[order]]), dtype=torch.float32)
-        y = torch.as_tensor(np.asarray(self.labels[idx[order]]), dtype=torch.long)
-        inverse = torch.as_tensor(np.argsort(order, kind="stable"))
-        extras = {k: torch.as_tensor(np.asarray(v[idx[order]]))[inverse] for k, v in self.extras.items()}
-        return x[inverse] * self.scale, y[inverse], extras
+from lsep_tune.data.latents import data_draws
 
 
 def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):
-    """digits in memory, an image-class-folder tree (pixel models), or the preprocess output's latent
-    shards (with REPA targets when asked)."""
-    if data_cfg.kind == "digits":
-        images, labels = digits.load_digits_split(split)
-        return ArrayDataset(images.numpy(), labels.numpy())
-    if data_cfg.kind == "images":
-        return ImageFolder(data_cfg.path, image_size)
-    return LatentShards(data_cfg.path, scale=data_cfg.latent_scale, features=features)
+    """The dataset of `data_cfg.kind` (data.DATASETS); `features` adds REPA targets where stored."""
+    from lsep_tune.data import DATASETS
+
+    return DATASETS[data_cfg.kind].load(data_cfg, split, features, image_size)
 
 
 class StepBatches:

@@ -21,7 +21,7 @@ UNCERTAINTY_OF = {"fid_std": "fid", "isc_std": "isc_mean"}
 def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int = DEFAULT_BATCH) -> np.ndarray:
     """n uint8 NHWC images; a latent model's are decoded by the SD-VAE in cfg.data.vae_path."""
     vae = None
-    if cfg.data.kind == "latents":
+    if cfg.data.latent:
         from lsep_tune.vae import load_vae
 
         vae = load_vae(cfg.data.vae_path).to(device)

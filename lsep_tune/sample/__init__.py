@@ -1,6 +1,3 @@
-"""Sampling: solvers (`solvers`), the one seed scheme (`generate`), many samples from a checkpoint
-in-process or on Ray actors (`batch`), PNG grids (`grid`) and the command line (`__main__`)."""
-from lsep_tune.sample.batch import generate_samples
-from lsep_tune.sample.generate import generate, generate_chunk
-
-__all__ = ["generate", "generate_chunk", "generate_samples"]
+"""Sampling: solvers and their registry (`solvers`), the one seed scheme (`generate`), many samples
+from a checkpoint in-process or on Ray actors (`batch`), PNG grids (`grid`) and the command line
+(`__main__`). Nothing is imported here: the config validates `sampling.mode` against `solvers`."""

@@ -29,9 +29,9 @@ from lsep_tune.sample.generate import (
     generate_chunk,
     to_images,
 )
+from lsep_tune.sample.solvers import SOLVERS
 
-SAMPLERS = {"ode": "ode-heun", "sde": "sde", "ode-heun": "ode-heun", "ode-euler": "ode-euler",
-            "ode-heun-full": "ode-heun-full", "sde-uniform": "sde-uniform"}
+SAMPLERS = {"ode": "ode-heun", **{mode: mode for mode in SOLVERS}}  # --sampler: the short names and every mode
 
 
 @dataclass(frozen=True)
@@ -78,9 +78,10 @@ def _settings(cfg: Config, sampler, steps, cfg_scale, guidance_interval) -> Solv
     mode = s.mode
     if sampler is not None:
         if sampler not in SAMPLERS:
-            raise InputError("sampler", sampler, "expected 'ode' (Heun ODE) or 'sde' (Euler-Maruyama)")
+            raise InputError("sampler", sampler, "expected 'ode' (Heun ODE), 'sde' (Euler-Maruyama) or one of "
+                             + ", ".join(m for m in SAMPLERS if m not in ("ode", "sde")))
         mode = SAMPLERS[sampler]
-    steps = s.steps if steps is None else _check_int("steps", steps, 2 if mode == "sde" else 1)
+    steps = s.steps if steps is None else _check_int("steps", steps, SOLVERS[mode].min_steps)
     if cfg_scale is None:
         cfg_scale = s.cfg_scale
     elif not (np.isfinite(cfg_scale) and cfg_scale >= 1.0):
@@ -99,7 +100,7 @@ def _settings(cfg: Config, sampler, steps, cfg_scale, guidance_interval) -> Solv
 
 def _vae_payload(cfg: Config, vae: str | Path | None):
     """A latent model needs a local VAE (shipped to actors as config + weights); a pixel model none."""
-    if cfg.data.kind != "latents":
+    if not cfg.data.latent:
         if vae is not None:
             raise InputError("vae", vae, f"the checkpoint is a pixel model (data.kind {cfg.data.kind!r}); drop it")
         return None

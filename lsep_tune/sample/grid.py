@@ -16,7 +16,7 @@ def save_sample_grid(sit, cfg, path: str | Path, device, seed: int = DEFAULT_SEE
     path.parent.mkdir(parents=True, exist_ok=True)
     n = cfg.sampling.grid_images
     x = generate(sit, cfg, n, device, seed=seed, batch=n).float().cpu()
-    if cfg.data.kind == "latents":
+    if cfg.data.latent:
         x = x[:, :3] / cfg.data.latent_scale
         x = x / x.abs().amax().clamp_min(1e-6)
     if x.shape[-1] < 32:  # tiny images (digits are 8x8): enlarge so a person can see them

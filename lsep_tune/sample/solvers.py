@@ -18,6 +18,9 @@ Two earlier variants stay under explicit names, for comparison with runs made be
 ``sde-uniform`` (``steps`` uniform steps to t = 0, diffusion 2 sigma_t, a last step with the
 velocity alone) and ``ode-heun-full`` (the corrector on every step, guidance decided by the time
 of each evaluation).
+
+To add a sampler: write one `Solver` subclass here and add one line to SOLVERS; `sampling.mode` and
+the sample command's `--sampler` accept its name.
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ from lsep_tune.objectives.flow import interpolant
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t (N,), y (N,)) -> v
 
-MODES = ("ode-euler", "ode-heun", "sde", "ode-heun-full", "sde-uniform")
 SDE_LAST_STEP = 0.04  # the published SDE grid ends here; the remaining step is noise-free
 
 
@@ -64,13 +66,106 @@ def sde_drift(x: torch.Tensor, v: torch.Tensor, t: float, diffusion: float, path
     return v + (0.5 * diffusion / float(sigma)) * _eps_from_velocity(x, v, t, path_type)
 
 
-def time_grid(mode: str, steps: int) -> list[float]:
-    """The times a sampler visits, from 1 to 0 (steps + 1 of them)."""
-    if mode == "sde":
-        if steps < 2:
+class Solver:
+    """One way from t = 1 to t = 0: the times it visits and one step between two of them."""
+
+    min_steps = 1
+
+    def times(self, steps: int) -> list[float]:
+        """The times visited, from 1 to 0 (steps + 1 of them); uniform unless a solver says otherwise."""
+        return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+    def step(self, v_fn, x: torch.Tensor, t_cur: float, t_next: float, last: bool, path_type: str,
+             generator: torch.Generator | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class EulerODE(Solver):
+    def step(self, v_fn, x, t_cur, t_next, last, path_type, generator):
+        return x - (t_cur - t_next) * v_fn(x, t_cur)
+
+
+class HeunODE(Solver):
+    """Published: the last step is plain Euler; guidance of both evaluations follows the step's start."""
+
+    corrector_on_last = False
+    guide_by_start = True
+
+    def step(self, v_fn, x, t_cur, t_next, last, path_type, generator):
+        h = t_cur - t_next
+        v = v_fn(x, t_cur)
+        if last and not self.corrector_on_last:
+            return x - h * v
+        x_pred = x - h * v
+        return x - 0.5 * h * (v + v_fn(x_pred, t_next, t_cur if self.guide_by_start else None))
+
+
+class HeunODEFull(HeunODE):
+    """The earlier variant: a corrector on every step, each evaluation guided by its own time."""
+
+    corrector_on_last = True
+    guide_by_start = False
+
+
+class EulerMaruyama(Solver):
+    """Euler-Maruyama on the reverse SDE; a variant sets its diffusion and its noise-free last step."""
+
+    def diffusion(self, t: float, path_type: str) -> float:
+        raise NotImplementedError
+
+    def last_step(self, x, v, h, t_cur, diffusion, path_type):
+        raise NotImplementedError
+
+    def step(self, v_fn, x, t_cur, t_next, last, path_type, generator):
+        h = t_cur - t_next
+        v = v_fn(x, t_cur)
+        diffusion = self.diffusion(t_cur, path_type)
+        if last:
+            return self.last_step(x, v, h, t_cur, diffusion, path_type)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        return x - h * sde_drift(x, v, t_cur, diffusion, path_type) + math.sqrt(diffusion * h) * z
+
+
+class PublishedSDE(EulerMaruyama):
+    """Grid 1 -> 0.04 then 0, diffusion 2t, a noise-free last step whose drift keeps the noise term."""
+
+    min_steps = 2
+
+    def times(self, steps: int) -> list[float]:
+        if steps < self.min_steps:
             raise ValueError("the published SDE grid needs steps >= 2 (it ends with a step from 0.04 to 0)")
         return torch.linspace(1.0, SDE_LAST_STEP, steps, dtype=torch.float64).tolist() + [0.0]
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+
+    def diffusion(self, t: float, path_type: str) -> float:
+        return 2 * t
+
+    def last_step(self, x, v, h, t_cur, diffusion, path_type):
+        return x - h * sde_drift(x, v, t_cur, diffusion, path_type)
+
+
+class UniformSDE(EulerMaruyama):
+    """The earlier variant: uniform steps to 0, diffusion 2 sigma_t, a last step on the velocity alone."""
+
+    def diffusion(self, t: float, path_type: str) -> float:
+        _, sigma, _, _ = interpolant(torch.tensor(t, dtype=torch.float64), path_type)
+        return 2 * float(sigma)
+
+    def last_step(self, x, v, h, t_cur, diffusion, path_type):
+        return x - h * v
+
+
+SOLVERS: dict[str, Solver] = {
+    "ode-euler": EulerODE(),
+    "ode-heun": HeunODE(),
+    "sde": PublishedSDE(),
+    "ode-heun-full": HeunODEFull(),
+    "sde-uniform": UniformSDE(),
+}
+
+
+def time_grid(mode: str, steps: int) -> list[float]:
+    """The times a sampler visits, from 1 to 0 (steps + 1 of them)."""
+    return SOLVERS[mode].times(steps)
 
 
 @torch.no_grad()
@@ -88,36 +183,15 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Integrate from `noise` at t = 1 to data at t = 0 in `steps` steps (see the module doc)."""
-    if mode not in MODES:
-        raise ValueError(f"unknown sampling mode {mode!r}")
-    ts = time_grid(mode, steps)
+    if mode not in SOLVERS:
+        raise ValueError(f"unknown sampling mode {mode!r}, expected one of {', '.join(SOLVERS)}")
+    solver = SOLVERS[mode]
+    ts = solver.times(steps)
     x = noise
 
     def v_fn(x_: torch.Tensor, t_: float, guide_at: float | None = None) -> torch.Tensor:
         return guided_velocity(model, x_, t_, y, cfg_scale, guidance_interval, null_class, guide_at)
 
     for i in range(steps):
-        t_cur, t_next = ts[i], ts[i + 1]
-        h = t_cur - t_next
-        last = i == steps - 1
-        v = v_fn(x, t_cur)
-        if mode == "ode-euler" or (mode == "ode-heun" and last):
-            x = x - h * v
-        elif mode in ("ode-heun", "ode-heun-full"):
-            guide_at = t_cur if mode == "ode-heun" else None
-            x_pred = x - h * v
-            x = x - 0.5 * h * (v + v_fn(x_pred, t_next, guide_at))
-        else:
-            # Published: diffusion g^2 = 2t, the last step is the drift alone (noise term included).
-            # sde-uniform: g^2 = 2 sigma_t, the last step follows the velocity alone.
-            published = mode == "sde"
-            _, sigma, _, _ = interpolant(torch.tensor(t_cur, dtype=torch.float64), path_type)
-            diffusion = 2 * t_cur if published else 2 * float(sigma)
-            if last and not published:
-                x = x - h * v
-            elif last:
-                x = x - h * sde_drift(x, v, t_cur, diffusion, path_type)
-            else:
-                z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
-                x = x - h * sde_drift(x, v, t_cur, diffusion, path_type) + math.sqrt(diffusion * h) * z
+        x = solver.step(v_fn, x, ts[i], ts[i + 1], i == steps - 1, path_type, generator)
     return x

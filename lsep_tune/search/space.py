@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from lsep_tune.errors import InputError
 from lsep_tune.config import Config, RunConfig, explain, load_raw, preset_names, set_path, validate
+from lsep_tune.data import DATASETS
 from lsep_tune.search.schema import (
     PARAM, SCHEDULER, SEARCHER, ConfirmConfig, Metric, SpaceFile, contains, problem, same, suggest,
 )
@@ -294,13 +295,14 @@ class SearchSpace:
         elif sched["type"] == "hyperband":
             sched["max_t"] = steps
         source = f"{self.source} (smoke)"
-        if self._base_flat["data.kind"] == "digits" and self._base_flat["model.name"] != "SiT-Tiny/2":
+        small = DATASETS[self._base_flat["data.kind"]].smoke_model
+        if small and self._base_flat["model.name"] != small:
             tiny = copy.deepcopy(data)
-            tiny["overrides"]["model.name"] = "SiT-Tiny/2"
+            tiny["overrides"]["model.name"] = small
             try:
                 return SearchSpace(tiny, source, self._base_dir)
             except SpaceError:
-                pass  # the space needs more depth than SiT-Tiny/2 has: keep the base model
+                pass  # the space needs more depth than the small model has: keep the base model
         return SearchSpace(data, source, self._base_dir)
 
     # ----- parsing ---------------------------------------------------------------------------
