@@ -122,6 +122,7 @@ def decide(values: dict[str, Sequence[float]], baseline: str, mode: str, metric:
     if baseline not in values:
         raise ValueError(f"baseline {baseline!r} is not among {sorted(values)}")
     others = [name for name in values if name != baseline]
+    the_baseline = "the baseline" if baseline == "baseline" else f"the baseline {baseline}"
     level = adjusted_confidence(len(others), confidence)
     diffs = {n: paired_difference(values[n], values[baseline], confidence) for n in others}
     adjusted = {n: paired_difference(values[n], values[baseline], level) for n in others}
@@ -129,7 +130,7 @@ def decide(values: dict[str, Sequence[float]], baseline: str, mode: str, metric:
     better = [n for n in others if wins[n]]
     if not better:
         seeds = max((d.n for d in diffs.values()), default=0)
-        verdict = (f"{NO_DIFFERENCE}: no configuration beats the baseline {baseline} on {metric} "
+        verdict = (f"{NO_DIFFERENCE}: no configuration beats {the_baseline} on {metric} "
                    f"({len(others)} compared, paired over {seeds} seeds, Bonferroni-adjusted); keeping the baseline")
         finite = [n for n in others if math.isfinite(diffs[n].mean)]
         if finite:  # the candidate that came closest, with its interval: how much the seeds could tell
@@ -142,7 +143,7 @@ def decide(values: dict[str, Sequence[float]], baseline: str, mode: str, metric:
     sign = 1.0 if mode == "min" else -1.0
     winner = min(better, key=lambda n: sign * diffs[n].mean)
     d = diffs[winner]
-    verdict = (f"{winner} beats the baseline {baseline} on {metric}: {d.mean:+.4g} "
+    verdict = (f"{winner} beats {the_baseline} on {metric}: {d.mean:+.4g} "
                f"(95% CI {d.ci_low:+.4g} to {d.ci_high:+.4g}, paired over {d.n} seeds; "
                f"holds at the Bonferroni level over {len(others)} compared)")
     return Decision(winner, verdict, diffs, adjusted, wins)

@@ -96,3 +96,72 @@ def mlflow_server(tmp_path_factory):
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
+
+
+class RayHead:
+    """A real Ray cluster started by `ray start --head --block`, as a user starts one to submit jobs to.
+
+    Every port is a free one, so it does not collide with a cluster already on the machine, and the
+    whole process group ends with the fixture (no `ray stop`, which would end every Ray here)."""
+
+    def __init__(self, root, num_cpus: int = 3):
+        import os
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60: every `ray job` command needs it
+        self.env.pop("RAY_ADDRESS", None)
+        gcs, dash = free_port(), free_port()
+        self.gcs_port, self.dashboard = gcs, f"http://127.0.0.1:{dash}"
+        ports = {"--port": gcs, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
+                 "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
+        self.log = open(root / "ray-head.log", "w")
+        self.proc = subprocess.Popen(
+            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+             *[str(a) for kv in ports.items() for a in kv]],
+            stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+        self.wait()
+
+    def wait(self, timeout: float = 120.0) -> None:
+        import subprocess
+        import time
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited: {open(self.log.name).read()[-2000:]}")
+            listed = subprocess.run([self.ray, "job", "list", "--address", self.dashboard], env=self.env,
+                                    capture_output=True, text=True)
+            if listed.returncode == 0:
+                return
+            time.sleep(1.0)
+        raise RuntimeError(f"the Ray head's job server did not answer in time: {open(self.log.name).read()[-2000:]}")
+
+    def submit(self, *entrypoint: str, timeout: float = 600.0):
+        """`ray job submit` of `entrypoint`, waiting for its end: (returncode, everything it printed)."""
+        import subprocess
+
+        done = subprocess.run([self.ray, "job", "submit", "--address", self.dashboard, "--", *entrypoint],
+                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return done.returncode, done.stdout + done.stderr
+
+    def stop(self) -> None:
+        import os
+        import signal
+
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except Exception:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.log.close()
+
+
+@pytest.fixture
+def ray_head(tmp_path_factory):
+    head = RayHead(tmp_path_factory.mktemp("ray-head"))
+    yield head
+    head.stop()

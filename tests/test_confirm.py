@@ -112,7 +112,7 @@ def test_confirmation_names_the_good_configuration(tmp_path, ray_local, mlflow_s
     d = top["difference"]
     assert d["ci_high"] < 0 and top["beats_baseline"] and d["n"] == 3
     assert d["mean"] == pytest.approx(top["mean"] - base["mean"])
-    assert out["verdict"].startswith("top1 beats the baseline baseline on flow_loss")
+    assert out["verdict"].startswith("top1 beats the baseline on flow_loss")
     assert yaml.safe_load((tmp_path / "best.yaml").read_text())["optim"]["lr"] == 1e-3
     assert json.loads((tmp_path / "confirmation" / "confirmation.json").read_text())["winner"] == "top1"
 

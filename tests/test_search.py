@@ -52,8 +52,9 @@ def child_runs(summary: dict):
 
 
 @pytest.mark.slow
-def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, capsys, mlflow_server):
-    """Every state a run can end in (FINISHED, KILLED by ASHA, FAILED), its final_* and the parent's
+def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, mlflow_server, ray_head):
+    """A search submitted with `ray job submit` to a cluster started by `ray start`, as a user runs one:
+    every state a run can end in (FINISHED, KILLED by ASHA, FAILED), its final_* and the parent's
     best_* metrics, read back from a real `mlflow server`."""
     points = [
         GOOD,
@@ -65,10 +66,13 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2,
                         overrides={"run.final_eval_samples": 20})
     out = tmp_path / "search"
-    rc = main(["--space", str(space), "--output", str(out), "--mlflow-uri", mlflow_server.uri])
-    printed = capsys.readouterr().out
-    assert rc == 0
+    rc, printed = ray_head.submit(sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output",
+                                  str(out), "--mlflow-uri", mlflow_server.uri)
+    assert rc == 0, printed[-3000:]
+    assert "succeeded" in printed
+    ray_head.stop()  # the rerun of best.yaml below starts its own local Ray
     summary = json.loads((out / "summary.json").read_text())
+    assert summary["ray_address"].endswith(f":{ray_head.gcs_port}")  # it joined that cluster
     assert summary["mlflow_tracking_uri"] == mlflow_server.uri
     trials = {t["params"]["optim.lr"]: t for t in summary["trials"]}
     assert len(summary["trials"]) == 4
