@@ -17,7 +17,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.models.sit import model_names, parse_model_name
-from lsep_tune.schema import FieldError, StrictModel
+from lsep_tune.schema import FieldError, StrictModel, known
 
 
 class ModelConfig(StrictModel):
@@ -30,9 +30,7 @@ class ModelConfig(StrictModel):
     @field_validator("name")
     @classmethod
     def _known_name(cls, name: str) -> str:
-        if name not in model_names():
-            raise ValueError(f"unknown model {name!r}, expected one of {', '.join(model_names())}")
-        return name
+        return known("model", name, model_names())
 
     @model_validator(mode="after")
     def _divisible(self) -> "ModelConfig":
@@ -51,8 +49,8 @@ class ModelConfig(StrictModel):
 
 class DataConfig(StrictModel):
     kind: str = Field("latents", description="a name in data.DATASETS: digits, images or latents")
-    path: str | None = Field(None, description="output folder of `python -m lsep_tune.preprocess`: manifest.json "
-                             "and shard-*.npy (SD-VAE posteriors of each image and its flip)")
+    path: str | None = Field(None, description="what the kind reads: for latents the output folder of "
+                             "`python -m lsep_tune.preprocess`, for images a class-folder tree; digits need none")
     latent_scale: float = Field(0.18215, gt=0, description="SD-VAE scale applied to each posterior sample")
     vae_path: str | None = Field(None, description="local diffusers AutoencoderKL folder that decodes the latents")
     batch_size: int = Field(256, gt=0, description="global batch = batch_size x workers x grad_accum_steps")
@@ -60,9 +58,7 @@ class DataConfig(StrictModel):
     @field_validator("kind")
     @classmethod
     def _known_kind(cls, kind: str) -> str:
-        if kind not in DATASETS:
-            raise ValueError(f"unknown data kind {kind!r}, expected one of {', '.join(DATASETS)}")
-        return kind
+        return known("data kind", kind, DATASETS)
 
     @model_validator(mode="after")
     def _path_when_read(self) -> "DataConfig":
@@ -127,9 +123,7 @@ class SamplingConfig(StrictModel):
     def _known_mode(cls, mode: str) -> str:
         from lsep_tune.sample.solvers import SOLVERS  # not at the top: the sample package imports this module
 
-        if mode not in SOLVERS:
-            raise ValueError(f"unknown sampler {mode!r}, expected one of {', '.join(SOLVERS)}")
-        return mode
+        return known("sampler", mode, SOLVERS)
 
     @model_validator(mode="after")
     def _interval(self) -> "SamplingConfig":

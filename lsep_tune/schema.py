@@ -17,3 +17,10 @@ class FieldError(ValueError):
         super().__init__(message)
         self.field = field
 
+
+
+def known(what: str, name: str, names) -> str:
+    """`name` when it is one of a registry's `names`, else the ValueError a field validator raises."""
+    if name not in names:
+        raise ValueError(f"unknown {what} {name!r}, expected one of {', '.join(names)}")
+    return name
