@@ -101,15 +101,19 @@ def mlflow_server(tmp_path_factory):
 class RayHead:
     """A real Ray cluster started by `ray start --head --block`, as a user starts one to submit jobs to.
 
-    Every port is a free one, so it does not collide with a cluster already on the machine, and the
-    whole process group ends with the fixture (no `ray stop`, which would end every Ray here)."""
+    Every port is a free one and its temp dir its own, so it does not collide with a cluster already
+    on the machine, and a later `ray.init()` of the tests does not find it (Ray records the running
+    cluster in its temp dir). Its whole process group ends with the fixture (no `ray stop`, which
+    would end every Ray here)."""
 
     def __init__(self, root, num_cpus: int = 3):
         import os
         import subprocess
         import sys
+        import tempfile
         from pathlib import Path
 
+        self.temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit
         self.ray = str(Path(sys.executable).parent / "ray")
         self.env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60: every `ray job` command needs it
         self.env.pop("RAY_ADDRESS", None)
@@ -119,7 +123,7 @@ class RayHead:
                  "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
         self.log = open(root / "ray-head.log", "w")
         self.proc = subprocess.Popen(
-            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats",
+            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", self.temp_dir,
              *[str(a) for kv in ports.items() for a in kv]],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.wait()
@@ -149,6 +153,7 @@ class RayHead:
 
     def stop(self) -> None:
         import os
+        import shutil
         import signal
 
         if self.proc.poll() is None:
@@ -158,6 +163,7 @@ class RayHead:
             except Exception:
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
