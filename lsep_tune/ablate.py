@@ -268,7 +268,7 @@ def prepare(args):
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
     for arm in arms:  # a missing or mismatched dataset, before any run
-        check_available(arm.config.data, source, cfg=arm.config)
+        check_available(arm.config.data, cfg=arm.config)
     # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
     local_cpus = local_ray_cpus(spec.budget)
     if not ray_address(args.address):

@@ -191,10 +191,10 @@ def test_check_available_names_what_is_missing(tmp_path):
 
     cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path / 'absent'}"])
     with pytest.raises(InputError, match="data.path: no such folder"):
-        check_available(cfg.data, "x.yaml")
+        check_available(cfg.data)
     cfg = load_config(preset="imagenet256-sit-b2", overrides=[f"data.path={tmp_path}"])
     with pytest.raises(InputError, match="no manifest.json"):
-        check_available(cfg.data, "x.yaml")
+        check_available(cfg.data)
 
 
 @pytest.mark.slow

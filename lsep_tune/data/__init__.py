@@ -18,11 +18,10 @@ DATASETS: dict[str, type[DataSource]] = {
 }
 
 
-def check_available(data_cfg, source: str = "config", cfg=None) -> None:
-    """Pre-flight: raise errors.InputError (one line) when the data is missing, incomplete, or does not
-    fit the model and regularizers of `cfg`; called before Ray, MLflow or any output folder starts.
-    The errors name the data folder (or manifest file) as their source; `source` is accepted for the
-    callers that pass the config's name."""
+def check_available(data_cfg, cfg=None) -> None:
+    """Pre-flight: raise errors.InputError (one line, naming the data folder or manifest file) when the
+    data is missing, incomplete, or does not fit the model and regularizers of `cfg`; called before
+    Ray, MLflow or any output folder starts."""
     DATASETS[data_cfg.kind].check_available(data_cfg, cfg)
 
 

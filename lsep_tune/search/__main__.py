@@ -63,7 +63,7 @@ def prepare(args):
         space = space.smoke()
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
     base = space.base_config()
-    check_available(base.data, space.source, cfg=base)  # a missing or mismatched dataset, before any trial
+    check_available(base.data, cfg=base)  # a missing or mismatched dataset, before any trial
     if not ray_address(args.address):  # a local Ray is sized for max_concurrent trials; one must fit the machine
         check_trial_fits(space.budget, space.source, machine_resources(), "this machine")
     output = resolve_output(args, space.name)

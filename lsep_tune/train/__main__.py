@@ -78,7 +78,7 @@ def prepare(args: argparse.Namespace):
     from lsep_tune import tracking
 
     cfg, source, output = resolve(args)
-    check_available(cfg.data, source, cfg=cfg)  # a missing or mismatched dataset: one line, before anything is created
+    check_available(cfg.data, cfg=cfg)  # a missing or mismatched dataset: one line, before anything is created
     if cfg.run.init_from:  # a file that does not fit fails here, not on the workers
         from lsep_tune import published
 
