@@ -2,14 +2,15 @@
 searcher and scheduler are checked here (discriminated unions on `type`); what needs the base config
 (fields, conditions, metrics, evaluation steps) is checked in space.py.
 
-To add a searcher: a model here with its Optuna sampler's own argument names, added to `Searcher`,
-and one line in search/searcher.py's SAMPLERS.
+To add a searcher: a model here with its Optuna sampler's own argument names and the sampler class,
+and one line in SEARCHERS.
 """
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import optuna.distributions as od
+import optuna.samplers
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
 
 from lsep_tune.errors import InputError
@@ -163,6 +164,7 @@ def contains(dist: od.BaseDistribution, value: Any) -> bool:
 # ----- searchers and schedulers: their fields are the libraries' own argument names ----------------
 
 class TPE(Strict):
+    sampler: ClassVar[type] = optuna.samplers.TPESampler
     type: Literal["tpe"]
     seed: int | None = None
     n_startup_trials: int | None = Field(None, ge=0)
@@ -178,17 +180,24 @@ class TPE(Strict):
 
 
 class Random(Strict):
+    sampler: ClassVar[type] = optuna.samplers.RandomSampler
     type: Literal["random"]
     seed: int | None = None
 
 
 class NSGA2(Strict):
+    sampler: ClassVar[type] = optuna.samplers.NSGAIISampler
     type: Literal["nsga2"]
     seed: int | None = None
     population_size: int | None = Field(None, ge=2)
 
 
-Searcher = Annotated[Union[TPE, Random, NSGA2], Field(discriminator="type")]
+SEARCHERS: dict[str, type[Strict]] = {
+    "tpe": TPE,
+    "random": Random,
+    "nsga2": NSGA2,
+}
+Searcher = Annotated[Union[tuple(SEARCHERS.values())], Field(discriminator="type")]
 SEARCHER = TypeAdapter(Searcher)
 
 

@@ -5,7 +5,7 @@ PRUNED Optuna trial (Ray would record it COMPLETE), its intermediate values are 
 step (Ray keys them by report count), a failed trial is the worst value rather than a hole, and a
 trial that reaches the last rung finishes by itself, so its final evaluation still runs.
 
-To add a searcher: one entry in `SAMPLERS` (and its options in search/schema.py).
+To add a searcher: its options model and one line in search/schema.py's SEARCHERS.
 """
 from __future__ import annotations
 
@@ -17,21 +17,16 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, HyperBandScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from lsep_tune.search.schema import SEARCHERS
+
 STUDY_NAME = "lsep_tune"
-
-SAMPLERS = {
-    "tpe": optuna.samplers.TPESampler,
-    "random": optuna.samplers.RandomSampler,
-    "nsga2": optuna.samplers.NSGAIISampler,
-}
-
 
 def make_sampler(spec: dict):
     """A fresh Optuna sampler (samplers hold state: one per study); the spec's keys are its arguments."""
     options = {k: v for k, v in spec.items() if k != "type"}
     with warnings.catch_warnings():  # TPE's `group` is opted into on purpose for conditional spaces
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SAMPLERS[spec["type"]](**options)
+        return SEARCHERS[spec["type"]].sampler(**options)
 
 
 def penalty(mode: str) -> float:
