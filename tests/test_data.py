@@ -218,6 +218,10 @@ def test_image_folder_dataset_crops_flips_per_step_and_trains(tmp_path):
     with pytest.raises(InputError, match="data.path: no such folder"):
         check_available(load_config(preset="digits", overrides=[f"data.path={tmp_path}/no", "data.kind=images",
                                                                 "model.in_channels=3"]).data)
+    for field, value, says in (("in_channels", 1, "read as RGB"), ("num_classes", 1, "fewer than the 2 class")):
+        wrong = cfg.model_copy(update={"model": cfg.model.model_copy(update={field: value})})
+        with pytest.raises(InputError, match=f"imgs: model.{field}: {value}.*{says}"):
+            check_available(wrong.data, cfg=wrong)
     from lsep_tune.config import dump_config
 
     dump_config(cfg, tmp_path / "cfg.yaml")

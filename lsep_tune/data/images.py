@@ -16,13 +16,20 @@ from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
 
-def check_image_folder(path) -> None:
+def check_image_folder(path, cfg=None) -> None:
+    """The folder holds images in class sub-folders and, with `cfg`, fits its model (RGB, enough classes)."""
     from lsep_tune.preprocess import scan_class_folders
 
     if not path or not Path(path).is_dir():
         raise InputError(path, "data.path", "no such folder; expected one sub-folder of images per class")
-    if not scan_class_folders(Path(path))[1]:
+    classes, items = scan_class_folders(Path(path))
+    if not items:
         raise InputError(path, "data.path", "no images in class sub-folders")
+    if cfg is not None and cfg.model.in_channels != 3:
+        raise InputError(path, "model.in_channels", f"{cfg.model.in_channels}, but images are read as RGB (3)")
+    if cfg is not None and cfg.model.num_classes < len(classes):
+        raise InputError(path, "model.num_classes",
+                         f"{cfg.model.num_classes} is fewer than the {len(classes)} class folders of the data")
 
 
 class ImageFolder:
@@ -62,7 +69,7 @@ class Images(DataSource):
 
     @classmethod
     def check_available(cls, data_cfg, cfg=None) -> None:
-        check_image_folder(data_cfg.path)
+        check_image_folder(data_cfg.path, cfg)
 
     @classmethod
     def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> ImageFolder:
