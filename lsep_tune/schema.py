@@ -18,7 +18,6 @@ class FieldError(ValueError):
         self.field = field
 
 
-
 def known(what: str, name: str, names) -> str:
     """`name` when it is one of a registry's `names`, else the ValueError a field validator raises."""
     if name not in names:

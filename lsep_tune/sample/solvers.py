@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 
 from lsep_tune.objectives.flow import interpolant
+from lsep_tune.schema import known
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x, t (N,), y (N,)) -> v
 
@@ -163,11 +164,6 @@ SOLVERS: dict[str, Solver] = {
 }
 
 
-def time_grid(mode: str, steps: int) -> list[float]:
-    """The times a sampler visits, from 1 to 0 (steps + 1 of them)."""
-    return SOLVERS[mode].times(steps)
-
-
 @torch.no_grad()
 def sample(
     model: VelocityFn,
@@ -183,9 +179,7 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Integrate from `noise` at t = 1 to data at t = 0 in `steps` steps (see the module doc)."""
-    if mode not in SOLVERS:
-        raise ValueError(f"unknown sampling mode {mode!r}, expected one of {', '.join(SOLVERS)}")
-    solver = SOLVERS[mode]
+    solver = SOLVERS[known("sampler", mode, SOLVERS)]
     ts = solver.times(steps)
     x = noise
 
