@@ -16,8 +16,9 @@ from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
 
-def check_image_folder(path, cfg=None) -> None:
-    """The folder holds images in class sub-folders and, with `cfg`, fits its model (RGB, enough classes)."""
+def check_image_folder(path, cfg=None) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """The folder holds images in class sub-folders and, with `cfg`, fits its model (RGB, enough classes);
+    returns its scan (preprocess.scan_class_folders), so a reader need not walk the tree again."""
     from lsep_tune.preprocess import scan_class_folders
 
     if not path or not Path(path).is_dir():
@@ -30,17 +31,15 @@ def check_image_folder(path, cfg=None) -> None:
     if cfg is not None and cfg.model.num_classes < len(classes):
         raise InputError(path, "model.num_classes",
                          f"{cfg.model.num_classes} is fewer than the {len(classes)} class folders of the data")
+    return classes, items
 
 
 class ImageFolder:
     read_ahead = True  # decoding goes to the background thread
 
     def __init__(self, path, resolution: int):
-        from lsep_tune.preprocess import scan_class_folders
-
-        check_image_folder(path)
+        self.classes, items = check_image_folder(path)
         self.root, self.resolution = Path(path), resolution
-        self.classes, items = scan_class_folders(self.root)
         self.paths = [rel for rel, _ in items]
         self.labels = torch.as_tensor([label for _, label in items], dtype=torch.long)
 
