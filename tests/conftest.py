@@ -123,8 +123,8 @@ class RayHead:
                  "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
         self.log = open(root / "ray-head.log", "w")
         self.proc = subprocess.Popen(
-            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", self.temp_dir,
-             *[str(a) for kv in ports.items() for a in kv]],
+            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1",
+             "--disable-usage-stats", "--temp-dir", self.temp_dir, *[str(a) for kv in ports.items() for a in kv]],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.wait()
 

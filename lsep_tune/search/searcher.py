@@ -21,6 +21,7 @@ from lsep_tune.search.schema import SEARCHERS
 
 STUDY_NAME = "lsep_tune"
 
+
 def make_sampler(spec: dict):
     """A fresh Optuna sampler (samplers hold state: one per study); the spec's keys are its arguments."""
     options = {k: v for k, v in spec.items() if k != "type"}
