@@ -13,20 +13,20 @@ checks the result against the model the config describes.
 from __future__ import annotations
 
 import io
-import re
 import shutil
-import warnings
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lsep_tune import published
 from lsep_tune.config import Config, validate
+from lsep_tune.data import digits
 from lsep_tune.errors import InputError
 from lsep_tune.files import atomic_write
 from lsep_tune.models.sit import sit_from_config
+from lsep_tune.published import read_file
 
 STATE_FILE = "state.pt"
 EMA_FILE = "ema_final.pt"
@@ -103,31 +103,6 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def _gist(err: BaseException) -> str:
-    """The gist of a torch.load failure: torch's messages run to paragraphs of advice whose one
-    useful line names what the safe unpickler refused."""
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
-    line = line.removeprefix("WeightsUnpickler error: ") if line else (lines[0] if lines else type(err).__name__)
-    line = re.split(r"(?<=[.?!])\s", line, maxsplit=1)[0]  # its first sentence
-    return line if len(line) <= 100 else line[:97] + "..."
-
-
-def read_file(file, source: str, allow: tuple = (), error: type[InputError] = InputError) -> Any:
-    """torch.load with weights_only=True (plus the `allow`ed classes), for any checkpoint file, ours or
-    a published one: a file that is not one fails as a short `error` line, without torch's warnings."""
-    if not zipfile.is_zipfile(file):
-        raise error(source, "file", "not a torch checkpoint (torch.save writes a zip archive; this is none)")
-    if hasattr(file, "seek"):
-        file.seek(0)
-    try:
-        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
-            warnings.simplefilter("ignore")  # torch warns before it fails; the one-line error says it all
-            return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many kinds for a truncated or foreign file
-        raise error(source, "file", f"not a readable torch checkpoint ({_gist(err)})") from None
-
-
 def read_sit_checkpoint(file: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], int | None]:
     """(config dict, SiT EMA state dict, step) of an ``ema_final.pt`` or ``state.pt``."""
     file = Path(file)
@@ -178,9 +153,6 @@ def load_checkpoint(path: str | Path, fmt: str = "lsep_tune", model: dict | None
 
 def _published_checkpoint(file: Path, fmt: str, model: dict | None) -> Checkpoint:
     """A published file has no lsep_tune config: the model's defaults are the papers' sampling settings."""
-    from lsep_tune import published
-    from lsep_tune.data import digits
-
     conv = published.load(file, fmt, model)
     m = {"name": "SiT-XL/2", **conv.model}
     shape = (m.get("input_size", 32), m.get("in_channels", 4), m.get("num_classes", 1000))

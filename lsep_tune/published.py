@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
+import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -55,10 +58,33 @@ class Converted:
     config: dict[str, Any] | None = None  # the whole stored config (lsep_tune files only)
 
 
+def _gist(err: BaseException) -> str:
+    """The gist of a torch.load failure: torch's messages run to paragraphs of advice whose one
+    useful line names what the safe unpickler refused."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    line = next((line for line in lines if line.startswith("WeightsUnpickler error:")), None)
+    line = line.removeprefix("WeightsUnpickler error: ") if line else (lines[0] if lines else type(err).__name__)
+    line = re.split(r"(?<=[.?!])\s", line, maxsplit=1)[0]  # its first sentence
+    return line if len(line) <= 100 else line[:97] + "..."
+
+
+def read_file(file, source: str, allow: tuple = (), error: type[InputError] = InputError) -> Any:
+    """torch.load with weights_only=True (plus the `allow`ed classes), for any checkpoint file, ours or
+    a published one: a file that is not one fails as a short `error` line, without torch's warnings."""
+    if not zipfile.is_zipfile(file):
+        raise error(source, "file", "not a torch checkpoint (torch.save writes a zip archive; this is none)")
+    if hasattr(file, "seek"):
+        file.seek(0)
+    try:
+        with warnings.catch_warnings(), torch.serialization.safe_globals(list(allow)):
+            warnings.simplefilter("ignore")  # torch warns before it fails; the one-line error says it all
+            return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for a truncated or foreign file
+        raise error(source, "file", f"not a readable torch checkpoint ({_gist(err)})") from None
+
+
 def read(file: str | Path | BinaryIO, source: str | None = None) -> dict[str, Any]:
     """torch.load with weights_only=True; the published scripts also pickle an argparse.Namespace."""
-    from lsep_tune.checkpoint import read_file
-
     source = source or str(file)
     blob = read_file(file, source, allow=(argparse.Namespace,), error=PublishedError)
     if not isinstance(blob, dict):
