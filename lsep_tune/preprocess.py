@@ -28,44 +28,15 @@ import numpy as np
 from lsep_tune.errors import InputError
 from lsep_tune.files import atomic_write
 
-FORMAT = "lsep_tune-latents/1"
-IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
-SHARD = "shard-{:05d}"
-
-
 # ---------------------------------------------------------------------------------------------
-# Input scanning and the crop
-
-
-def scan_class_folders(root: Path) -> tuple[dict[str, int], list[tuple[str, int]]]:
-    """({class folder name: index}, [(path relative to root, label)]); both sorted, so stable."""
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    class_map = {name: i for i, name in enumerate(classes)}
-    items = []
-    for name in classes:
-        for path in sorted((root / name).rglob("*")):
-            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-                items.append((path.relative_to(root).as_posix(), class_map[name]))
-    return class_map, items
-
-
-def adm_center_crop(image, size: int) -> np.ndarray:
-    """The ADM (guided-diffusion) crop used by SiT, REPA and LSEP: halve with a box filter while the
-    short side is at least 2 x size, resize the short side to `size` (bicubic), cut the centre."""
-    from PIL import Image
-
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-    arr = np.asarray(image)
-    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return arr[top:top + size, left:left + size]
+# Reading the images
 
 
 def read_and_crop(batch: dict, root: str, resolution: int) -> dict:
     """Ray Data task: paths -> uint8 (B, R, R, 3) crops; an unreadable file gets ok=False."""
     from PIL import Image
+
+    from lsep_tune.data.images import adm_center_crop  # data/ loads torch: kept off the command's start-up
 
     images = np.zeros((len(batch["path"]), resolution, resolution, 3), dtype=np.uint8)
     ok = np.ones(len(batch["path"]), dtype=bool)
@@ -205,6 +176,8 @@ def plan_digest(items: list[tuple[str, int]], settings: dict) -> str:
 
 def finished_record(out: Path, index: int, digest: str) -> dict | None:
     """The shard's record if it was completed from the same plan and its files are intact in size."""
+    from lsep_tune.data.latents import SHARD  # data/ loads torch: kept off the command's start-up
+
     record_path = out / f"{SHARD.format(index)}.json"
     try:
         record = json.loads(record_path.read_text())
@@ -221,6 +194,8 @@ def finished_record(out: Path, index: int, digest: str) -> dict | None:
 
 def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: list[str]) -> dict:
     """Arrays first (each via a temporary name), the record last: a record means a complete shard."""
+    from lsep_tune.data.latents import SHARD  # data/ loads torch: kept off the command's start-up
+
     stem = SHARD.format(index)
     arrays = {"moments": np.stack([r["moments"] for r in rows]) if rows else np.zeros((0,), np.float16),
               "labels": np.asarray([r["label"] for r in rows], dtype=np.int64)}
@@ -241,6 +216,8 @@ def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: l
 def write_manifest(out: Path, shards: list[dict], resolution: int, vae: str, images: str,
                    classes: dict[str, int], encoder: dict | None) -> dict:
     """manifest.json from the shard records; written last, so its presence means a complete dataset."""
+    from lsep_tune.data.latents import FORMAT, SHARD  # data/ loads torch: kept off the command's start-up
+
     first = next((r for r in shards if r["num_images"]), None)
     if first is None:
         raise InputError(images, "--images", "no image could be read; see the paths listed above")
@@ -342,6 +319,8 @@ def export_digits(folder: Path) -> int:
 
 
 def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]:
+    from lsep_tune.data.images import IMAGE_SUFFIXES, scan_class_folders  # data/ loads torch: kept off start-up
+
     if not args.images or not args.out:
         raise InputError("preprocess", "--images/--out", "both are required (or --export-digits DIR)")
     root, out = Path(args.images), Path(args.out)
@@ -368,6 +347,7 @@ def run(args) -> dict:
 
     from lsep_tune import vae as vae_mod
     from lsep_tune.cluster import connect_ray
+    from lsep_tune.data.latents import FORMAT
 
     root, out, class_map, items = check_args(args)
     vae = load_vae_any(args.vae)

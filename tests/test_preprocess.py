@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lsep_tune import preprocess
+from lsep_tune.data.images import adm_center_crop, scan_class_folders
 
 CLASSES = ("n01440764", "n01443537", "n02102040")  # synset-like names, sorted -> labels 0, 1, 2
 
@@ -48,7 +49,7 @@ def test_adm_center_crop_square_and_centred():
 
     img = np.zeros((300, 1200, 3), dtype=np.uint8)
     img[:, 590:610] = 255  # a bar in the middle stays in the middle
-    out = preprocess.adm_center_crop(Image.fromarray(img), 256)
+    out = adm_center_crop(Image.fromarray(img), 256)
     assert out.shape == (256, 256, 3)
     cols = np.nonzero(out[128, :, 0] > 128)[0]
     assert abs(cols.mean() - 127.5) < 3
@@ -57,7 +58,7 @@ def test_adm_center_crop_square_and_centred():
 def test_scan_is_sorted_and_stable(tmp_path):
     root = make_image_tree(tmp_path / "imgs", per_class=2)
     (root / "n00000001").mkdir()  # an empty class folder still takes its sorted place
-    class_map, items = preprocess.scan_class_folders(root)
+    class_map, items = scan_class_folders(root)
     assert list(class_map) == sorted(class_map) and class_map["n00000001"] == 0
     assert class_map[CLASSES[2]] == 3
     assert items == sorted(items) and {label for _, label in items} == {1, 2, 3}
@@ -120,7 +121,7 @@ def test_export_digits_writes_a_class_folder_tree(tmp_path):
     from lsep_tune.data.digits import load_digits_split
 
     assert preprocess.main(["--export-digits", str(tmp_path / "digits")]) == 0
-    class_map, items = preprocess.scan_class_folders(tmp_path / "digits")
+    class_map, items = scan_class_folders(tmp_path / "digits")
     _, labels = load_digits_split("train")
     assert class_map == {str(i): i for i in range(10)}
     assert len(items) == len(labels) and sorted(label for _, label in items) == sorted(labels.tolist())

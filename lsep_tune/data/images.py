@@ -15,12 +15,38 @@ from lsep_tune.data.base import DataSource
 from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
+IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
+
+
+def scan_class_folders(root: Path) -> tuple[dict[str, int], list[tuple[str, int]]]:
+    """({class folder name: index}, [(path relative to root, label)]); both sorted, so stable."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_map = {name: i for i, name in enumerate(classes)}
+    items = []
+    for name in classes:
+        for path in sorted((root / name).rglob("*")):
+            if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+                items.append((path.relative_to(root).as_posix(), class_map[name]))
+    return class_map, items
+
+
+def adm_center_crop(image, size: int) -> np.ndarray:
+    """The ADM (guided-diffusion) crop used by SiT, REPA and LSEP: halve with a box filter while the
+    short side is at least 2 x size, resize the short side to `size` (bicubic), cut the centre."""
+    from PIL import Image
+
+    while min(image.size) >= 2 * size:
+        image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
+    scale = size / min(image.size)
+    image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
+    arr = np.asarray(image)
+    top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
+    return arr[top:top + size, left:left + size]
+
 
 def check_image_folder(path, cfg=None) -> tuple[dict[str, int], list[tuple[str, int]]]:
     """The folder holds images in class sub-folders and, with `cfg`, fits its model (RGB, enough classes);
-    returns its scan (preprocess.scan_class_folders), so a reader need not walk the tree again."""
-    from lsep_tune.preprocess import scan_class_folders
-
+    returns its scan (scan_class_folders), so a reader need not walk the tree again."""
     if not path or not Path(path).is_dir():
         raise InputError(path, "data.path", "no such folder; expected one sub-folder of images per class")
     classes, items = scan_class_folders(Path(path))
@@ -48,8 +74,6 @@ class ImageFolder:
 
     def take(self, idx: np.ndarray, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, dict]:
         from PIL import Image
-
-        from lsep_tune.preprocess import adm_center_crop
 
         flip = draws.rand() < 0.5
         crops = []

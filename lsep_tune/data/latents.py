@@ -20,6 +20,7 @@ from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
 FORMAT = "lsep_tune-latents/1"
+SHARD = "shard-{:05d}"  # the files of shard i: SHARD.format(i) + .moments.npy, .labels.npy, ...
 DATA_STREAM = 0x5EED_DA7A  # keeps the data draws apart from the objective's draws of the same step
 MAKE_IT = "create it with python -m lsep_tune.preprocess --images IMAGE_FOLDER --out {path}"
 
@@ -95,7 +96,7 @@ class LatentShards:
         for shard in self.manifest["shards"]:
             if not shard["num_images"]:
                 continue
-            stem = self.root / f"shard-{shard['index']:05d}"
+            stem = self.root / SHARD.format(shard['index'])
             self.moments.append(np.load(f"{stem}.moments.npy", mmap_mode="r"))
             labels.append(np.load(f"{stem}.labels.npy"))
             if features:
