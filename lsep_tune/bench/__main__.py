@@ -62,11 +62,27 @@ def check(args: argparse.Namespace) -> None:
             raise InputError("--device", args.device, "no CUDA device here")
 
 
+def run_train(args) -> int:
+    import torch  # torch and the training modules: kept off the command's start-up (--help)
+
+    from lsep_tune.bench.compare import run_compare
+    from lsep_tune.bench.train import bench_config, measure, parse_regularizers, print_result
+
+    configs = [bench_config(args, parse_regularizers(r), args.baseline) for r in args.regularizers]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.compare:
+        return run_compare(args, configs)
+    for cfg in configs:
+        print_result(measure(cfg, args, args.baseline), args.json)
+    return 0
+
+
 def _bench(argv: list[str] | None) -> int:
     args = parse_args(argv)
     check(args)
     if args.command == "train":
-        from lsep_tune.bench.train import bench_config, parse_regularizers, run_train
+        from lsep_tune.bench.train import bench_config, parse_regularizers  # torch: kept off start-up
 
         for r in args.regularizers:  # every configuration is checked before anything runs
             bench_config(args, parse_regularizers(r), args.baseline)

@@ -167,15 +167,3 @@ def print_result(result: dict, as_json: bool) -> None:
           f"peak memory {result['peak_mem_bytes'] / 2**20:.0f} MiB, "
           f"{result['flops_per_image'] / 1e9:.2f} GFLOP/image, MFU {mfu}", flush=True)
 
-
-def run_train(args) -> int:
-    configs = [bench_config(args, parse_regularizers(r), args.baseline) for r in args.regularizers]
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.compare:
-        from lsep_tune.bench.compare import run_compare
-
-        return run_compare(args, configs)
-    for cfg in configs:
-        print_result(measure(cfg, args, args.baseline), args.json)
-    return 0
