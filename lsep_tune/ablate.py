@@ -198,7 +198,7 @@ def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], ou
 def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: str, name: str) -> dict:
     """Train arms x seeds (Ray must be connected), write the tables, log everything to MLflow."""
     from lsep_tune import tracking
-    from lsep_tune.search.runner import SearchPaths
+    from lsep_tune.search.trials import SearchPaths
 
     started = time.time()
     output = output.resolve()

@@ -41,7 +41,7 @@ def tiny_space(points, confirm=None) -> SearchSpace:
 
 def search_paths(tmp_path, uri):
     from lsep_tune import tracking
-    from lsep_tune.search.runner import SearchPaths
+    from lsep_tune.search.trials import SearchPaths
 
     parent = tracking.create_run(uri, {}, {"lsep_tune.kind": "search"}, run_name="search-test",
                                  experiment=f"confirm-{tmp_path.name}")

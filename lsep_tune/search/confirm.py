@@ -24,6 +24,7 @@ from ray.tune import Callback
 from lsep_tune import stats, tracking
 from lsep_tune.config import Config, dump_config, validate
 from lsep_tune.search.schema import ConfirmConfig
+from lsep_tune.search.trials import SearchPaths, child_run_id, end_run, end_unfinished_runs, live_table, trial_main
 
 ROLE_TAG = "lsep_tune.role"
 ARM_TAG = "lsep_tune.arm"
@@ -73,8 +74,6 @@ class ArmSpace:
 
 def open_arm_run(paths, trial_id: str, space: ArmSpace, tune_config: dict, role: str) -> str:
     """The (arm, seed) trial's nested MLflow run, made (or found again) with its role, arm and seed tags."""
-    from lsep_tune.search.runner import child_run_id
-
     arm, seed = tune_config["arm"], tune_config["seed"]
     run_id = child_run_id(paths, trial_id, space.trial_config(tune_config), tune_config, trial_id)
     tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(
@@ -97,14 +96,10 @@ class ArmRuns(Callback):
                   f"({type(err).__name__}: {err})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from lsep_tune.search.runner import end_run
-
         step = (trial.last_result or {}).get("step", 0)
         end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.max_steps(trial.config) else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        from lsep_tune.search.runner import end_run
-
         end_run(self.paths, trial.trial_id, "FAILED")
 
 
@@ -113,16 +108,12 @@ def _trial(tune_config: dict, space: ArmSpace, paths, role: str) -> None:
     if that function moves."""
     from ray import tune
 
-    from lsep_tune.search.runner import trial_main
-
     open_arm_run(paths, tune.get_context().get_trial_id(), space, tune_config, role)
     trial_main(tune_config, space=space, paths=paths)
 
 
 def arms_table():
     """Tune's live table for arms x seeds: which run is where, by arm and seed."""
-    from lsep_tune.search.runner import live_table
-
     return live_table({"step": "step"}, {"arm": "arm", "seed": "seed"})
 
 
@@ -135,7 +126,6 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
     from ray import tune
 
     from lsep_tune.cluster import trial_resources
-    from lsep_tune.search.runner import end_unfinished_runs
 
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)
@@ -328,8 +318,6 @@ def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> d
     """After a search: confirm the top `settings.top_k` trials of `rows` against the baseline on
     fresh seeds, write OUTPUT/best.yaml as the confirmed winner (the baseline when nothing beats it)
     and return the `confirmation` object. `paths` is the search's SearchPaths."""
-    from lsep_tune.search.runner import SearchPaths
-
     metric, mode = space.metric_names[0], space.modes[0]
     base_params, origin = baseline_params(space, settings)
     baseline_cfg = space.trial_config(base_params)

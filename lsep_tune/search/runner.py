@@ -14,146 +14,17 @@ import contextlib
 import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from ray.tune import Callback
 
 from lsep_tune import tracking
 from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
 from lsep_tune.search import report
+from lsep_tune.search.confirm import confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
-TRIAL_ID_TAG = "lsep_tune.trial_id"
-
-
-@dataclass
-class SearchPaths:
-    output: Path
-    mlflow_uri: str
-    parent_run_id: str
-
-    @property
-    def optuna_storage(self) -> str:
-        return f"sqlite:///{(self.output / 'optuna.db').resolve()}"
-
-    @property
-    def tune_root(self) -> Path:
-        return (self.output / "tune").resolve()
-
-    @property
-    def ray_storage(self) -> Path:
-        return (self.output / "trials").resolve()
-
-
-def trial_run_name(number: int | str, params: dict) -> str:
-    """`trial 3: uncond_prob=0.9, probe_lr=0.003`: the trial's number and its searched values."""
-    short = {k: k.rsplit(".", 1)[-1] for k in params}
-    for key, name in short.items():  # objective.lsep.weight and objective.sra.weight: keep the section
-        if list(short.values()).count(name) > 1:
-            short[key] = ".".join(key.split(".")[-2:])
-    values = ", ".join(f"{short[k]}={v:.3g}" if isinstance(v, float) else f"{short[k]}={v}" for k, v in params.items())
-    return f"trial {number}: {values}" if values else f"trial {number}"
-
-
-def find_child_run(client, paths: SearchPaths, trial_id: str):
-    parent = client.get_run(paths.parent_run_id)
-    found = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-    )
-    return found[0] if found else None
-
-
-def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: int | str) -> str:
-    """The trial's nested MLflow run: found again by tag (after a restart, or made by the driver), else created."""
-    client = tracking.client(paths.mlflow_uri)
-    found = find_child_run(client, paths, trial_id)
-    if found:
-        return found.info.run_id
-    parent = client.get_run(paths.parent_run_id)
-    return tracking.create_run(
-        paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
-        run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
-        parent_run_id=paths.parent_run_id,
-    )
-
-
-def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
-    """One Tune trial of the space's config with `params` applied: a one-worker trial runs the training
-    loop in this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from lsep_tune.cluster import Placement
-    from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
-
-    trial_id = tune.get_context().get_trial_id()
-    cfg = space.trial_config(params)
-    run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
-    b = space.budget
-    out = paths.output.resolve() / "trial_runs" / trial_id
-    out.mkdir(parents=True, exist_ok=True)
-    if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
-        from lsep_tune.train.tune_context import run_in_trial
-
-        run_in_trial(cfg, out, paths.mlflow_uri, run_id)
-    else:
-        placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
-        run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
-                             mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
-        build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
-    diverged = divergence(out)
-    if diverged:
-        raise TrialDiverged(f"trial {trial_id} diverged: {diverged['error']}")
-
-
-class TrialDiverged(RuntimeError):
-    """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
-
-
-class TrialRuns(Callback):
-    """The driver's side of the trials' MLflow runs: each is made when its trial starts, named by its
-    place in the search, and ended in the state the trial reached: FINISHED when it trained to the end,
-    KILLED when the scheduler (or the time budget) stopped it, FAILED on error."""
-
-    def __init__(self, paths: SearchPaths, space):
-        self.paths, self.space = paths, space
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        try:
-            cfg = self.space.trial_config(trial.config)
-            child_run_id(self.paths, trial.trial_id, cfg, trial.config, trials.index(trial) + 1)
-        except Exception as err:  # tracking never stops a search; the trial makes its run itself
-            print(f"warning: could not make the MLflow run of trial {trial.trial_id} ({type(err).__name__}: {err})")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        step = (trial.last_result or {}).get("step", 0)
-        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.budget.max_steps else "KILLED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        end_run(self.paths, trial.trial_id, "FAILED")
-
-
-def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
-    try:
-        client = tracking.client(paths.mlflow_uri)
-        run = find_child_run(client, paths, trial_id)
-        if run is not None:
-            client.set_terminated(run.info.run_id, status)
-    except Exception as err:  # tracking never stops a search
-        print(f"warning: could not end the MLflow run of trial {trial_id} ({type(err).__name__}: {err})")
-
-
-def end_unfinished_runs(paths: SearchPaths, status: str) -> None:
-    """Whatever trial run is still RUNNING when the command exits (a trial never started, an interrupt)
-    ends now; a resumed search reopens nothing, it logs into the same run and ends it again."""
-    client = tracking.client(paths.mlflow_uri)
-    parent = client.get_run(paths.parent_run_id)
-    for run in client.search_runs([parent.info.experiment_id], filter_string=(
-            f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and attributes.status = 'RUNNING'")):
-        client.set_terminated(run.info.run_id, status)
+from lsep_tune.search.trials import SearchPaths, TrialRuns, end_unfinished_runs, live_table, trial_main
 
 
 @contextlib.contextmanager
@@ -205,8 +76,6 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     best = report.best_trial(rows, space)
     confirmation = None
     if best and space.confirm:  # trained again on fresh seeds; writes best.yaml as the confirmed winner
-        from lsep_tune.search.confirm import confirm_search
-
         with ends_killed_on_error(paths, parent_tracker):
             confirmation = confirm_search(space, rows, paths, space.confirm)
     study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
@@ -256,18 +125,6 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     parent_tracker.log_artifact(output / "summary.json")
     parent_tracker.finish("FINISHED" if best else "FAILED")
     return summary
-
-
-def live_table(metric_columns: dict, parameter_columns: dict, **options):
-    """Tune's live table, the same for a search and for its confirmation (or an ablation)."""
-    from ray.tune import CLIReporter
-
-    # Tune's newer table shows the first four metrics a trial reports, not the ones asked for.
-    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
-    # print_intermediate_tables: its default follows the verbosity the previous Tune run of this process
-    # left behind (verbose=1 -> no table), so a second run (the confirmation) would lose its table.
-    return CLIReporter(metric_columns=metric_columns, parameter_columns=parameter_columns,
-                       max_report_frequency=30, print_intermediate_tables=True, **options)
 
 
 def progress_table(space):
