@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lsep_tune.errors import InputError
-from lsep_tune.files import atomic_write
+from lsep_tune.errors import InputError, OneLineParser, run_cli
+from lsep_tune.files import atomic_write, require_writable_dir
 
 # ---------------------------------------------------------------------------------------------
 # Reading the images
@@ -36,7 +36,7 @@ def read_and_crop(batch: dict, root: str, resolution: int) -> dict:
     """Ray Data task: paths -> uint8 (B, R, R, 3) crops; an unreadable file gets ok=False."""
     from PIL import Image
 
-    from lsep_tune.data.images import adm_center_crop  # data/ loads torch: kept off the command's start-up
+    from lsep_tune.data.images import adm_center_crop  # torch: kept off the command's start-up
 
     images = np.zeros((len(batch["path"]), resolution, resolution, 3), dtype=np.uint8)
     ok = np.ones(len(batch["path"]), dtype=bool)
@@ -55,7 +55,7 @@ def read_and_crop(batch: dict, root: str, resolution: int) -> dict:
 
 def load_vae_any(name_or_path: str):
     """A local AutoencoderKL folder, or a Hugging Face hub name (e.g. stabilityai/sd-vae-ft-ema)."""
-    from lsep_tune import vae as vae_mod
+    from lsep_tune import vae as vae_mod  # torch: kept off the command's start-up
 
     if Path(name_or_path).exists():
         return vae_mod.load_vae(name_or_path)
@@ -124,7 +124,7 @@ class Encode:
         # Shipped as object references (one copy in the object store, not one per actor).
         vae_payload, encoder_payload = ray.get(vae_payload), ray.get(encoder_payload) if encoder_payload else None
 
-        from lsep_tune.vae import from_payload
+        from lsep_tune.vae import from_payload  # torch: kept off the command's start-up
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.vae = from_payload(vae_payload).to(self.device)
@@ -176,7 +176,7 @@ def plan_digest(items: list[tuple[str, int]], settings: dict) -> str:
 
 def finished_record(out: Path, index: int, digest: str) -> dict | None:
     """The shard's record if it was completed from the same plan and its files are intact in size."""
-    from lsep_tune.data.latents import SHARD  # data/ loads torch: kept off the command's start-up
+    from lsep_tune.data.latents import SHARD  # torch: kept off the command's start-up
 
     record_path = out / f"{SHARD.format(index)}.json"
     try:
@@ -194,7 +194,7 @@ def finished_record(out: Path, index: int, digest: str) -> dict | None:
 
 def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: list[str]) -> dict:
     """Arrays first (each via a temporary name), the record last: a record means a complete shard."""
-    from lsep_tune.data.latents import SHARD  # data/ loads torch: kept off the command's start-up
+    from lsep_tune.data.latents import SHARD  # torch: kept off the command's start-up
 
     stem = SHARD.format(index)
     arrays = {"moments": np.stack([r["moments"] for r in rows]) if rows else np.zeros((0,), np.float16),
@@ -216,7 +216,7 @@ def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: l
 def write_manifest(out: Path, shards: list[dict], resolution: int, vae: str, images: str,
                    classes: dict[str, int], encoder: dict | None) -> dict:
     """manifest.json from the shard records; written last, so its presence means a complete dataset."""
-    from lsep_tune.data.latents import FORMAT, SHARD  # data/ loads torch: kept off the command's start-up
+    from lsep_tune.data.latents import FORMAT, SHARD  # torch: kept off the command's start-up
 
     first = next((r for r in shards if r["num_images"]), None)
     if first is None:
@@ -278,8 +278,6 @@ class ShardWriter:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from lsep_tune.errors import OneLineParser
-
     p = OneLineParser(prog="python -m lsep_tune.preprocess", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", help="class-folder tree: one folder per class (sorted names -> labels 0..K-1)")
@@ -308,7 +306,7 @@ def export_digits(folder: Path) -> int:
     """The embedded digits as PNG class folders, so the whole ImageNet path can be tried offline."""
     from PIL import Image
 
-    from lsep_tune.data.digits import load_digits_split, to_uint8
+    from lsep_tune.data.digits import load_digits_split, to_uint8  # torch: kept off the command's start-up
 
     images, labels = load_digits_split("train")
     pixels = to_uint8(images)[..., 0]
@@ -319,7 +317,7 @@ def export_digits(folder: Path) -> int:
 
 
 def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]:
-    from lsep_tune.data.images import IMAGE_SUFFIXES, scan_class_folders  # data/ loads torch: kept off start-up
+    from lsep_tune.data.images import IMAGE_SUFFIXES, scan_class_folders  # torch: kept off the command's start-up
 
     if not args.images or not args.out:
         raise InputError("preprocess", "--images/--out", "both are required (or --export-digits DIR)")
@@ -334,7 +332,6 @@ def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]
             raise InputError("preprocess", f"--{flag.replace('_', '-')}", "expected a positive integer")
     if args.encoder_weights and not Path(args.encoder_weights).is_file():
         raise InputError(args.encoder_weights, "--encoder-weights", "no such file")
-    from lsep_tune.files import require_writable_dir
 
     require_writable_dir(out, "--out")
     return root, out, class_map, items
@@ -345,9 +342,9 @@ def run(args) -> dict:
     import ray
     from tqdm import tqdm
 
-    from lsep_tune import vae as vae_mod
-    from lsep_tune.cluster import connect_ray
-    from lsep_tune.data.latents import FORMAT
+    from lsep_tune import vae as vae_mod  # torch: kept off the command's start-up
+    from lsep_tune.cluster import connect_ray  # torch: kept off the command's start-up
+    from lsep_tune.data.latents import FORMAT  # torch: kept off the command's start-up
 
     root, out, class_map, items = check_args(args)
     vae = load_vae_any(args.vae)
@@ -408,9 +405,7 @@ FLAGS = {"vae": "--vae", "encoder": "--encoder", "address": "--address"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lsep_tune.cluster import ends_local_ray
-    from lsep_tune.errors import run_cli
-
+    from lsep_tune.cluster import ends_local_ray  # torch: kept off the command's start-up
     @ends_local_ray
     def body(args):
         run(args)

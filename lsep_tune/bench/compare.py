@@ -17,13 +17,12 @@ import torch
 from lsep_tune.bench.flops import train_flops_per_image
 from lsep_tune.bench.train import StepTimer, bench_config, build_training, synthetic_data
 from lsep_tune.config import validate
+from lsep_tune.train.distributed import RayContext, RunPaths
+from lsep_tune.train.loop import Training
 
 
 def ray_worker(payload: dict) -> None:
     """One Ray Train worker: the same Training and timer as in process, times written to a file."""
-    from lsep_tune.train.distributed import RayContext, RunPaths
-    from lsep_tune.train.loop import Training
-
     cfg = validate(payload["config"], "bench config")
     folder = payload["folder"]
     ctx = RayContext(RunPaths(output=folder, storage=folder, name="bench"))

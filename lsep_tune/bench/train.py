@@ -19,9 +19,11 @@ import torch
 
 from lsep_tune.bench.flops import device_peak, train_flops_per_image
 from lsep_tune.config import Config, parse_override, set_path, validate
-from lsep_tune.errors import InputError
 from lsep_tune.data.base import ArrayDataset
+from lsep_tune.errors import InputError
 from lsep_tune.objectives import REGULARIZERS
+from lsep_tune.train.context import LocalContext
+from lsep_tune.train.loop import Training
 
 
 def parse_regularizers(text: str) -> tuple[str, ...]:
@@ -104,9 +106,6 @@ class StepTimer:
 
 
 def build_training(cfg: Config, device: str | None, ctx=None):
-    from lsep_tune.train.context import LocalContext
-    from lsep_tune.train.loop import Training
-
     ctx = ctx or LocalContext(tempfile.mkdtemp(prefix="lsep_bench_"), keep_checkpoints=1, device=device,
                               progress=False)
     return Training(cfg, ctx, dataset=synthetic_data(cfg, max(4 * cfg.data.batch_size, 64)))

@@ -13,13 +13,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from lsep_tune.data import DATASETS
 from lsep_tune.data.latents import data_draws
 
 
 def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):
     """The dataset of `data_cfg.kind` (data.DATASETS); `features` adds REPA targets where stored."""
-    from lsep_tune.data import DATASETS
-
     return DATASETS[data_cfg.kind].load(data_cfg, split, features, image_size)
 
 

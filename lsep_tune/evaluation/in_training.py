@@ -9,7 +9,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from lsep_tune.evaluation import compute_metrics
+from lsep_tune.evaluation.uncertainty import FID_BOOTSTRAPS
 from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED, generate
+from lsep_tune.vae import load_vae
 
 # What an in-training evaluation reports, and the direction in which each improves. The std keys
 # have none: they are each metric's uncertainty (UNCERTAINTY_OF), reported beside it, not objectives.
@@ -22,8 +25,6 @@ def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int
     """n uint8 NHWC images; a latent model's are decoded by the SD-VAE in cfg.data.vae_path."""
     vae = None
     if cfg.data.latent:
-        from lsep_tune.vae import load_vae
-
         vae = load_vae(cfg.data.vae_path).to(device)
     return generate(sit, cfg, n, device, seed=seed, batch=batch, images=True, vae=vae)
 
@@ -31,9 +32,6 @@ def sample_images(sit, cfg, device, n: int, seed: int = DEFAULT_SEED, batch: int
 def evaluate_samples(sit, cfg, device, n: int | None = None, seed: int = DEFAULT_SEED) -> dict[str, float]:
     """FID and IS of n (default cfg.run.eval_samples) EMA samples against cfg.run.eval_reference, each
     with its uncertainty: the FID's bootstrap spread over the samples and the IS's spread over splits."""
-    from lsep_tune.evaluation import compute_metrics
-    from lsep_tune.evaluation.uncertainty import FID_BOOTSTRAPS
-
     images = sample_images(sit, cfg, device, n or cfg.run.eval_samples, seed)
     out = compute_metrics(images, cfg.run.eval_reference, metrics=("fid", "isc"),
                           extractor_weights=cfg.run.eval_extractor_weights,

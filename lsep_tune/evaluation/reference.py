@@ -29,6 +29,7 @@ from PIL import Image
 from torch_fidelity.metric_fid import fid_features_to_statistics
 from torch_fidelity.utils import glob_samples_paths
 
+from lsep_tune.data.digits import heldout_uint8
 from lsep_tune.errors import InputError
 from lsep_tune.files import atomic_write
 
@@ -197,8 +198,6 @@ class Reference:
     def content_digest(self) -> str:
         """SHA-256 of what the reference holds, independent of where it lives."""
         if self.kind == "digits":
-            from lsep_tune.data.digits import heldout_uint8
-
             images = heldout_uint8()
             h = hashlib.sha256(b"digits-heldout|" + str(images.shape).encode())
             h.update(images.tobytes())
@@ -214,8 +213,6 @@ class Reference:
     def load_images(self) -> np.ndarray:
         """All images as uint8 NHWC, validated."""
         if self.kind == "digits":
-            from lsep_tune.data.digits import heldout_uint8
-
             return heldout_uint8()
         if self.kind == "npz":
             with np.load(self.path, allow_pickle=False) as z:

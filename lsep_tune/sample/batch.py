@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from lsep_tune import cluster
+from lsep_tune import vae as vae_lib
 from lsep_tune.checkpoint import Checkpoint, load_checkpoint
 from lsep_tune.config import Config, validate
 from lsep_tune.errors import InputError
@@ -55,8 +56,6 @@ class ChunkSampler:
         self.sit.to(self.device).eval().requires_grad_(False)
         self.vae = None
         if vae_payload is not None:
-            from lsep_tune import vae as vae_lib
-
             self.vae = vae_lib.from_payload(vae_payload).to(self.device)
 
     def run(self, chunk: int, start: int, stop: int) -> tuple[int, np.ndarray]:
@@ -107,7 +106,6 @@ def _vae_payload(cfg: Config, vae: str | Path | None):
     if vae is None:
         raise InputError("vae", "(not given)", "the checkpoint is a latent model (data.kind 'latents'); "
                                                "give a local diffusers AutoencoderKL folder to decode with")
-    from lsep_tune import vae as vae_lib
 
     model = vae_lib.load_vae(vae)
     if vae_lib.latent_channels(model) != cfg.model.in_channels:

@@ -14,7 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lsep_tune.data.digits import to_uint8
 from lsep_tune.sample.solvers import sample
+from lsep_tune.vae import decode
 
 DEFAULT_SEED = 0
 DEFAULT_BATCH = 64
@@ -70,11 +72,7 @@ def generate_chunk(sit, cfg, settings: SolverSettings, seed: int, chunk: int, st
 
 def to_images(x: torch.Tensor, cfg, vae=None) -> np.ndarray:
     """Model-space samples -> uint8 NHWC images; a latent model's go through `vae` (an AutoencoderKL)."""
-    from lsep_tune.data.digits import to_uint8
-
     if vae is not None:
-        from lsep_tune.vae import decode
-
         x = decode(vae, x, cfg.data.latent_scale)
     return to_uint8(x)
 

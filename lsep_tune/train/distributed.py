@@ -18,7 +18,9 @@ import torch
 
 from lsep_tune import checkpoint as ckpt
 from lsep_tune.cluster import Placement
-from lsep_tune.config import Config
+from lsep_tune.config import Config, validate
+from lsep_tune.tracking import RunTracker
+from lsep_tune.train.loop import TrainingDiverged, train_loop
 
 
 DIVERGED_KEY = "diverged"  # reported (= 1.0) by a run whose loss became non-finite
@@ -60,8 +62,6 @@ class RayContext:
         self.progress = False
         self.callbacks: list = []
         if self.rank == 0 and paths.mlflow_uri and paths.mlflow_run_id:
-            from lsep_tune.tracking import RunTracker
-
             self.callbacks.append(RunTracker(paths.mlflow_uri, paths.mlflow_run_id))
 
     def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -138,9 +138,6 @@ def quiet_report_log() -> None:
 
 def worker_main(payload: dict) -> None:
     """Entry point of every Ray Train worker."""
-    from lsep_tune.config import validate
-    from lsep_tune.train.loop import TrainingDiverged, train_loop
-
     import ray.train
 
     quiet_report_log()

@@ -14,6 +14,7 @@ import torch
 from timm.utils import ModelEmaV3
 from tqdm import tqdm
 
+from lsep_tune import published
 from lsep_tune.checkpoint import EMA_FILE, save_ema
 from lsep_tune.config import Config, dump_config
 from lsep_tune.data.loader import StepBatches, load_dataset
@@ -41,8 +42,6 @@ def build_objective(cfg: Config) -> TrainObjective:
 
 def load_initial_weights(cfg: Config, objective: TrainObjective) -> None:
     """run.init_from: the backbone, and the regularizer heads the file has under a known name."""
-    from lsep_tune import published
-
     conv = published.load(cfg.run.init_from, cfg.run.init_format, cfg.model.model_dump(), source="run.init_from")
     objective.sit.load_state_dict(conv.sit)
     own = objective.state_dict()

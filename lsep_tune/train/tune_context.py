@@ -11,8 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from lsep_tune.tracking import RunTracker
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.distributed import DIVERGED_FILE, DIVERGED_KEY
+from lsep_tune.train.loop import TrainingDiverged, train_loop
 
 
 class TuneContext(LocalContext):
@@ -41,12 +43,8 @@ def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_
     runs do) and report it, so the caller's `divergence(output)` check works unchanged."""
     from ray import tune
 
-    from lsep_tune.train.loop import TrainingDiverged, train_loop
-
     ctx = TuneContext(output, cfg.run.keep_checkpoints)  # the local device: cuda where Tune gave a GPU
     if mlflow_uri and mlflow_run_id:
-        from lsep_tune.tracking import RunTracker
-
         ctx.callbacks.append(RunTracker(mlflow_uri, mlflow_run_id))
     try:
         return train_loop(cfg, ctx)
