@@ -68,7 +68,7 @@ b2() {
     bench 60 "B/2 baseline" --model SiT-B/2 --batch 256 --steps 40 --warmup 10 "${lsep[@]}" --baseline
 }
 tests() {  # the step's equivalence tests on the device the loop picks (cuda there)
-    step 150 tests "$PY" -m pytest -q -p no:cacheprovider tests/test_perf.py -k "reuse or window or fused or compiled" \
+    step 150 tests "$PY" -m pytest -q -p no:cacheprovider tests/test_train_step.py -k "reuse or window or fused or compiled" \
         2>&1 | tee "$OUT/tests.txt"
 }
 compare() {  # needs Ray, too large a wheel to carry: runs only where Ray is installed
