@@ -2,9 +2,10 @@ import json
 
 import pytest
 
-from lsep_tune.bench.__main__ import main
+from lsep_tune.bench.__main__ import main, parse_args
 from lsep_tune.bench.flops import device_peak, forward_parts, lsep_recompute_share, train_flops_per_image
 from lsep_tune.bench.search import last_results, shares
+from lsep_tune.bench.train import bench_config
 from lsep_tune.config import load_config
 
 TINY = ["train", "--model", "SiT-Tiny/2", "--input-size", "8", "--batch", "4", "--steps", "2", "--warmup", "1",
@@ -26,11 +27,21 @@ def test_bench_train_prints_one_json_object_per_configuration(capsys):
 
 
 def test_bench_train_baseline_path_runs(capsys):
+    assert main(TINY + ["--regularizers", "lsep", "--json"]) == 0
+    reuse = json.loads(capsys.readouterr().out)
     assert main(TINY + ["--regularizers", "lsep", "--baseline", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["path"] == "baseline"
-    # Without reuse the whole probe batch is counted again.
-    assert result["flops_per_image_parts"]["lsep"] > 0
+    assert result["path"] == "baseline" and reuse["path"] == "optimized"
+    # Without reuse the whole probe batch is counted again: the reuse path's probe pass covers only the
+    # share of samples whose labels differ, the baseline's all of them; the probe head is the same in both.
+    cfg = bench_config(parse_args(TINY + ["--regularizers", "lsep"]), ("lsep",))
+    share = lsep_recompute_share(cfg)
+    head = 3 * 2 * forward_parts(cfg)["hidden"] * cfg.model.num_classes
+    base, reused = result["flops_per_image_parts"], reuse["flops_per_image_parts"]
+    assert 0 < share < 1
+    assert base["flow"] == reused["flow"]
+    assert reused["lsep"] - head == pytest.approx(share * (base["lsep"] - head))
+    assert base["lsep"] > reused["lsep"] > 0
 
 
 def test_bench_times_repa_on_synthetic_encoder_tokens(capsys):
