@@ -20,16 +20,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from lsep_tune import stats
+from lsep_tune import stats, tracking
 from lsep_tune.cluster import ends_local_ray
-from lsep_tune.config import flatten, load_raw, preset_names, set_path, validate
+from lsep_tune.config import explain, flatten, load_base, read_yaml, set_path, validate
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 from lsep_tune.schema import StrictModel
 from lsep_tune.search.confirm import Arm, Resources, bar_chart, metric_key, run_arms, values_of
 from lsep_tune.search.space import SPACES_DIR, reported_metrics
+from lsep_tune.search.trials import SearchPaths
 
 
 class AblationBudget(StrictModel):
@@ -90,31 +90,14 @@ def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | 
         raise InputError("max_steps", max_steps, "expected a positive integer")
     path = resolve_arms_file(name_or_path)
     source = str(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except OSError as err:
-        raise InputError(source, "<file>", f"cannot read: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise InputError(source, "<file>", f"invalid YAML: {str(err).splitlines()[0]}") from None
-    if not isinstance(raw, dict):
-        raise InputError(source, "<root>", "expected a mapping with base, arms, metrics, seeds, ...")
+    raw = read_yaml(path, source, "expected a mapping with base, arms, metrics, seeds, ...", empty={})
     if seeds is not None:
         raw["seeds"] = seeds
     try:
         spec = AblationSpec.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<root>"
-        message = "unknown field" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise InputError(source, where, message) from None
-    if "preset" in spec.base:
-        if spec.base["preset"] not in preset_names():
-            raise InputError(source, "base.preset", f"unknown preset {spec.base['preset']!r}, "
-                                                    f"expected one of {', '.join(preset_names())}")
-        base, _ = load_raw(preset=spec.base["preset"])
-    else:
-        base, _ = load_raw(path=path.parent / spec.base["config"])
-    base = copy.deepcopy(base)
+        raise InputError(source, *explain(err, show_input=False)) from None
+    base, _ = load_base(spec.base, path.parent, source)
     overrides = dict(spec.overrides)
     if max_steps is not None:
         overrides["run.max_steps"] = max_steps
@@ -197,9 +180,6 @@ def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], ou
 
 def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: str, name: str) -> dict:
     """Train arms x seeds (Ray must be connected), write the tables, log everything to MLflow."""
-    from lsep_tune import tracking
-    from lsep_tune.search.trials import SearchPaths
-
     started = time.time()
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)  # the default MLflow store lies in it

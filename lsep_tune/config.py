@@ -17,6 +17,8 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.models.sit import model_names, parse_model_name
+from lsep_tune.objectives import REGULARIZERS
+from lsep_tune.sample.solvers import SOLVERS
 from lsep_tune.schema import FieldError, StrictModel, known
 
 
@@ -81,8 +83,6 @@ class FlowConfig(StrictModel):
 
 def _objective_config() -> type[StrictModel]:
     """`objective.flow` plus one section per registered regularizer (objectives.REGULARIZERS)."""
-    from lsep_tune.objectives import REGULARIZERS
-
     sections = {name: (cls.Config, cls.Config()) for name, cls in REGULARIZERS.items()}
     return create_model("ObjectiveConfig", __base__=StrictModel, flow=(FlowConfig, FlowConfig()), **sections)
 
@@ -121,14 +121,10 @@ class SamplingConfig(StrictModel):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, mode: str) -> str:
-        from lsep_tune.sample.solvers import SOLVERS  # not at the top: the sample package imports this module
-
         return known("sampler", mode, SOLVERS)
 
     @model_validator(mode="after")
     def _interval(self) -> "SamplingConfig":
-        from lsep_tune.sample.solvers import SOLVERS
-
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
         least = SOLVERS[self.mode].min_steps
@@ -208,8 +204,9 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def explain(err: ValidationError) -> tuple[str, str]:
-    """The dotted field a validation error blames, and what was expected there."""
+def explain(err: ValidationError, show_input: bool = True) -> tuple[str, str]:
+    """The dotted field a validation error blames, and what was expected there (with the value given,
+    unless `show_input` is false): for config files and arms files alike."""
     first = err.errors()[0]
     ctx_err = (first.get("ctx") or {}).get("error")
     if isinstance(ctx_err, FieldError):
@@ -218,7 +215,7 @@ def explain(err: ValidationError) -> tuple[str, str]:
     msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown field"
-    elif "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
+    elif show_input and "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
         msg = f"{msg} (got {first['input']!r})"
     return loc, msg
 
@@ -264,18 +261,31 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("lsep_tune.presets").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+def read_yaml(path: str | Path, source: str, expected: str, error: type[InputError] = InputError,
+              file_field: str | None = "<file>", empty: dict | None = None) -> dict[str, Any]:
+    """The mapping a YAML file of any kind (config, search space, arms) holds, or one `error` line naming
+    `source`: unreadable or invalid under `file_field` (None: in the field's place), not a mapping
+    under <root> with `expected`. An empty file reads as `empty` (None: not a mapping)."""
+    def fail(problem: str, detail: str):
+        return error(source, problem, detail) if file_field is None else error(source, file_field, f"{problem}: {detail}")
+
     try:
-        text = path.read_text()
+        text = Path(path).read_text()
     except OSError as err:
-        raise InputError(source, "cannot read", err.strerror) from None
+        raise fail("cannot read", err.strerror) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
-        raise InputError(source, "invalid YAML", str(err).splitlines()[0]) from None
+        raise fail("invalid YAML", str(err).splitlines()[0]) from None
+    if data is None and empty is not None:
+        data = dict(empty)
     if not isinstance(data, dict):
-        raise InputError(source, "<root>", "expected a mapping of config sections")
+        raise error(source, "<root>", expected)
     return data
+
+
+def _read_yaml(path: Path, source: str) -> dict[str, Any]:
+    return read_yaml(path, source, "expected a mapping of config sections", file_field=None, empty={})
 
 
 def load_raw(preset: str | None = None, path: str | Path | None = None) -> tuple[dict[str, Any], str]:
@@ -288,6 +298,25 @@ def load_raw(preset: str | None = None, path: str | Path | None = None) -> tuple
         source = f"preset {preset}"
         return _read_yaml(Path(str(resources.files("lsep_tune.presets") / f"{preset}.yaml")), source), source
     return _read_yaml(Path(path), str(path)), str(path)
+
+
+def load_base(base: dict[str, str], base_dir: str | Path, source: str) -> tuple[dict[str, Any], str]:
+    """The `base:` of a search space or an arms file, {preset: NAME} or {config: PATH} (relative to
+    `base_dir`, the file's folder): a copy of its unvalidated config dict and the name to blame in its
+    own errors. An unknown preset or a missing file names `source`'s base.preset / base.config."""
+    if "preset" in base:
+        if base["preset"] not in preset_names():
+            raise InputError(source, "base.preset", f"unknown preset {base['preset']!r}, "
+                                                    f"expected one of {', '.join(preset_names())}")
+        data, name = load_raw(preset=base["preset"])
+    else:
+        path = Path(base["config"])
+        if not path.is_absolute():
+            path = Path(base_dir) / path
+        if not path.is_file():
+            raise InputError(source, "base.config", f"no such file {path}")
+        data, name = load_raw(path=path)
+    return copy.deepcopy(data), name
 
 
 def load_config(

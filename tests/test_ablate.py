@@ -68,6 +68,27 @@ def test_the_shipped_arms_and_bad_files(tmp_path):
         assert f": {field}: " in str(err.value) and "\n" not in str(err.value), str(err.value)
 
 
+def test_arms_and_space_files_read_their_base_and_yaml_alike(tmp_path):
+    """One base: resolver and one YAML loader for arms files and search spaces: the same fields blamed."""
+    from lsep_tune.search.space import SpaceError, load_space
+
+    space = {"base": {"config": "nope.yaml"}, "params": {"optim.lr": {"type": "loguniform", "low": 1e-4, "high": 1e-3}},
+             "metric": "flow_loss", "budget": {"num_samples": 1}}
+    for base, field, expectation in [({"config": "nope.yaml"}, "base.config", f"no such file {tmp_path / 'nope.yaml'}"),
+                                     ({"preset": "nope"}, "base.preset", "unknown preset 'nope', expected one of")]:
+        arms = arms_file(tmp_path / "arms.yaml", base=base)
+        with pytest.raises(InputError) as err:
+            load_ablation(str(arms))
+        assert str(err.value).startswith(f"{arms}: {field}: {expectation}"), str(err.value)
+        (tmp_path / "space.yaml").write_text(yaml.safe_dump({**space, "base": base}))
+        with pytest.raises(SpaceError) as err:
+            load_space(tmp_path / "space.yaml")
+        assert str(err.value).startswith(f"{tmp_path / 'space.yaml'}: {field}: {expectation}"), str(err.value)
+    (tmp_path / "broken.yaml").write_text("base: [")
+    with pytest.raises(InputError, match=r": <file>: invalid YAML: "):
+        load_ablation(str(tmp_path / "broken.yaml"))
+
+
 def test_cli_bad_input_exits_2_before_anything(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["--arms", str(arms_file(tmp_path / "a.yaml", seeds=1)), "--output", str(out)]) == 2

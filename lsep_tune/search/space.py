@@ -18,15 +18,18 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Mapping, NoReturn
 
-import yaml
 from pydantic import ValidationError
 
-from lsep_tune.errors import InputError
-from lsep_tune.config import Config, RunConfig, explain, load_raw, preset_names, set_path, validate
+from lsep_tune.config import Config, RunConfig, explain, load_base, read_yaml, set_path, validate
 from lsep_tune.data import DATASETS
+from lsep_tune.errors import InputError
+from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
+from lsep_tune.objectives import REGULARIZERS, TrainObjective
 from lsep_tune.search.schema import (
     PARAM, SCHEDULER, SEARCHER, ConfirmConfig, Metric, SpaceFile, contains, problem, same, suggest,
 )
+from lsep_tune.search.searcher import make_sampler
+from lsep_tune.train.loop import LOOP_METRICS
 
 # Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
 SPACES_DIR = Path(str(resources.files("lsep_tune.search_spaces"))).resolve()
@@ -72,10 +75,6 @@ class Reported:
 def reported_metrics() -> dict[str, Reported]:
     """Every metric a trial can report, read from its owners: the objective and each registered
     regularizer, the training loop, the in-training evaluation."""
-    from lsep_tune.objectives import REGULARIZERS, TrainObjective
-    from lsep_tune.train.loop import LOOP_METRICS
-    from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
-
     out = {name: Reported(d) for name, d in {**TrainObjective.metrics, **LOOP_METRICS}.items()}
     for reg_name, reg in REGULARIZERS.items():
         out.update({name: Reported(d, regularizer=reg_name) for name, d in reg.metrics.items()})
@@ -217,8 +216,6 @@ class SearchSpace:
 
     def sampler(self):
         """A fresh Optuna sampler for this space's searcher (samplers hold state: one per study)."""
-        from lsep_tune.search.searcher import make_sampler
-
         return make_sampler(self.searcher_spec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -322,21 +319,12 @@ class SearchSpace:
 
 
     def _read_base(self, base) -> tuple[dict[str, Any], dict[str, Any], str]:
-        if base.preset is not None:
-            if base.preset not in preset_names():
-                self._fail("base.preset", f"unknown preset {base.preset!r}, expected one of {', '.join(preset_names())}")
-            data, source = load_raw(preset=base.preset)
-            return {"preset": base.preset}, copy.deepcopy(data), source
-        path = Path(base.config)
-        if not path.is_absolute():
-            path = self._base_dir / path
-        if not path.is_file():
-            self._fail("base.config", f"no such file {path}")
+        spec = {"preset": base.preset} if base.preset is not None else {"config": base.config}
         try:
-            data, source = load_raw(path=path)
+            data, source = load_base(spec, self._base_dir, self.source)
         except InputError as err:
             raise SpaceError(err.source, err.field, err.expectation) from None
-        return {"config": base.config}, copy.deepcopy(data), source
+        return spec, data, source
 
     def _validated(self, data: dict[str, Any], source: str | None, blame=None) -> Config:
         """Validate; a failure blames `source` (the base file) or, via `blame`, a field of this file."""
@@ -652,14 +640,5 @@ def load_space(path_or_name: str | Path) -> SearchSpace:
     path = resolve_space(path_or_name)
     shipped = path.resolve().parent == SPACES_DIR
     source = f"{SPACES_DIR.name}/{path.name}" if shipped else str(path)
-    try:
-        text = path.read_text()
-    except OSError as err:
-        _fail(source, "<file>", f"cannot read: {err.strerror}")
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        _fail(source, "<file>", f"invalid YAML: {str(err).splitlines()[0]}")
-    if not isinstance(data, dict):
-        _fail(source, "<root>", "expected a mapping with base, params, metric, budget, ...")
+    data = read_yaml(path, source, "expected a mapping with base, params, metric, budget, ...", SpaceError)
     return SearchSpace(data, source, path.parent)
