@@ -14,17 +14,20 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ray.tune import Callback
+from ray import tune
 
 from lsep_tune import stats, tracking
+from lsep_tune.cluster import trial_resources
 from lsep_tune.config import Config, dump_config, validate
+from lsep_tune.search.report import value
 from lsep_tune.search.schema import ConfirmConfig
-from lsep_tune.search.trials import SearchPaths, child_run_id, end_run, end_unfinished_runs, live_table, trial_main
+from lsep_tune.search.trials import SearchPaths, TrialRuns, end_unfinished_runs, live_table, open_trial_run, trial_main
 
 ROLE_TAG = "lsep_tune.role"
 ARM_TAG = "lsep_tune.arm"
@@ -68,47 +71,17 @@ class ArmSpace:
         data["run"]["seed"] = int(tune_config["seed"])
         return validate(data, f"arm {tune_config['arm']} seed {tune_config['seed']}")
 
-    def max_steps(self, tune_config: dict) -> int:
-        return self.arms[tune_config["arm"]].config.run.max_steps
-
-
-def open_arm_run(paths, trial_id: str, space: ArmSpace, tune_config: dict, role: str) -> str:
-    """The (arm, seed) trial's nested MLflow run, made (or found again) with its role, arm and seed tags."""
-    arm, seed = tune_config["arm"], tune_config["seed"]
-    run_id = child_run_id(paths, trial_id, space.trial_config(tune_config), tune_config, trial_id)
-    tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(
-        {ROLE_TAG: role, ARM_TAG: arm, SEED_TAG: seed, "mlflow.runName": f"{role}: {arm}, seed {seed}"})
-    return run_id
-
-
-class ArmRuns(Callback):
-    """The driver's side of the arms' MLflow runs, as the search's TrialRuns: made when a trial starts,
-    ended in the state it reached (FINISHED trained to the end, KILLED stopped early, FAILED)."""
-
-    def __init__(self, paths, space: ArmSpace, role: str):
-        self.paths, self.space, self.role = paths, space, role
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        try:
-            open_arm_run(self.paths, trial.trial_id, self.space, trial.config, self.role)
-        except Exception as err:  # tracking never stops the runs; the trial makes its run itself
-            print(f"warning: could not make the MLflow run of {self.role} trial {trial.trial_id} "
-                  f"({type(err).__name__}: {err})")
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        step = (trial.last_result or {}).get("step", 0)
-        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.max_steps(trial.config) else "KILLED")
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        end_run(self.paths, trial.trial_id, "FAILED")
+    def run_tags(self, tune_config: dict, role: str) -> dict[str, Any]:
+        """The (arm, seed) trial's MLflow tags: its role, arm and seed, and its name."""
+        arm, seed = tune_config["arm"], tune_config["seed"]
+        return {ROLE_TAG: role, ARM_TAG: arm, SEED_TAG: seed, "mlflow.runName": f"{role}: {arm}, seed {seed}"}
 
 
 def _trial(tune_config: dict, space: ArmSpace, paths, role: str) -> None:
     """One (arm, seed) Tune trial through the search's trial function: the adapter to re-point
     if that function moves."""
-    from ray import tune
-
-    open_arm_run(paths, tune.get_context().get_trial_id(), space, tune_config, role)
+    trial_id = tune.get_context().get_trial_id()
+    open_trial_run(paths, trial_id, space, tune_config, trial_id, role)
     trial_main(tune_config, space=space, paths=paths)
 
 
@@ -121,12 +94,6 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
     """Train every arm on every seed (Ray must be connected); returns {arm: {seed: last report}},
     where a failed or diverged run's report is {} (no value). Every run ends in its true MLflow state;
     one still open when this returns or raises (never started, interrupted) ends KILLED."""
-    import os
-
-    from ray import tune
-
-    from lsep_tune.cluster import trial_resources
-
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)
     trainable = tune.with_resources(tune.with_parameters(_trial, space=space, paths=paths, role=role),
@@ -140,7 +107,7 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, rol
                                   # once more after a lost worker (e.g. a node out of memory); it
                                   # resumes from its checkpoint into the same MLflow run
                                   failure_config=tune.FailureConfig(max_failures=1),
-                                  callbacks=[ArmRuns(paths, space, role)],
+                                  callbacks=[TrialRuns(paths, space, role)],
                                   progress_reporter=arms_table(), verbose=1),
     )
     try:
@@ -296,11 +263,6 @@ def baseline_params(space, settings: ConfirmConfig) -> tuple[dict[str, Any], str
 def top_configurations(rows: list[dict], k: int, mode: str, key=None) -> list[dict]:
     """The k best trials of a search table with distinct `key(params)`, those trained furthest
     first (an early rung's metric is not comparable with a finished trial's)."""
-    def value(row):
-        v = row["metric"]
-        v = next(iter(v.values())) if isinstance(v, dict) else v
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
     key = key or (lambda params: json.dumps(params, sort_keys=True, default=str))
     done = [r for r in rows if r["status"] != "failed" and value(r) is not None]
     sign = 1.0 if mode == "min" else -1.0

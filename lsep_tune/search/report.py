@@ -6,6 +6,8 @@ import math
 import warnings
 from pathlib import Path
 
+from lsep_tune.search.space import reported_metrics
+
 PROXY_WARNING = 0.5  # below this rank correlation, stopping trials at a rung is close to guessing
 
 
@@ -33,21 +35,22 @@ def trial_table(results, space) -> list[dict]:
 
 def uncertainties() -> dict[str, str]:
     """{metric: the key of its uncertainty}, e.g. fid -> fid_std, from what the trainer reports."""
-    from lsep_tune.search.space import reported_metrics
-
     return {r.uncertainty_of: name for name, r in reported_metrics().items() if r.uncertainty_of}
+
+
+def value(row: dict) -> float | None:
+    """A trial row's metric, the first objective's when there are several (the row's metric is then a
+    dict in the space's order); None when it is missing or not finite."""
+    v = row["metric"]
+    v = next(iter(v.values())) if isinstance(v, dict) else v
+    return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
 def best_trial(rows: list[dict], space) -> dict | None:
     """The best metric among the trials trained furthest: an early rung's FID is not comparable
     with a fully trained trial's, so trials the scheduler stopped early only win if none went further.
     With several objectives the first decides (the whole Pareto front is in the summary)."""
-    primary, mode = space.metric_names[0], space.modes[0]
-
-    def value(row):
-        v = row["metric"][primary] if isinstance(row["metric"], dict) else row["metric"]
-        return v if isinstance(v, (int, float)) and math.isfinite(v) else None
-
+    mode = space.modes[0]
     done = [r for r in rows if r["status"] != "failed" and value(r) is not None]
     if not done:
         return None
@@ -88,8 +91,6 @@ def proxy_validity(curves: dict[str, dict[int, float]], final_step: int, steps: 
 def rung_steps(space) -> list[int]:
     """The steps before the end at which a scheduler can compare trials on the primary metric:
     every report, or for an evaluation metric every fresh evaluation."""
-    from lsep_tune.search.space import reported_metrics
-
     cfg = space.base_config()
     every = space.report_every
     if reported_metrics()[space.metric_names[0]].evaluation:

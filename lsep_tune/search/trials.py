@@ -10,9 +10,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ray.tune import Callback
+from ray import tune
+from ray.tune import Callback, CLIReporter
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from lsep_tune import tracking
+from lsep_tune.cluster import Placement
+from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
+from lsep_tune.train.tune_context import run_in_trial
 
 TRIAL_ID_TAG = "lsep_tune.trial_id"
 
@@ -72,12 +77,6 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
 def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     """One Tune trial of the space's config with `params` applied: a one-worker trial runs the training
     loop in this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from lsep_tune.cluster import Placement
-    from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
-
     trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(params)
     run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
@@ -85,8 +84,6 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
-        from lsep_tune.train.tune_context import run_in_trial
-
         run_in_trial(cfg, out, paths.mlflow_uri, run_id)
     else:
         placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
@@ -102,24 +99,37 @@ class TrialDiverged(RuntimeError):
     """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
 
 
-class TrialRuns(Callback):
-    """The driver's side of the trials' MLflow runs: each is made when its trial starts, named by its
-    place in the search, and ended in the state the trial reached: FINISHED when it trained to the end,
-    KILLED when the scheduler (or the time budget) stopped it, FAILED on error."""
+def open_trial_run(paths: SearchPaths, trial_id: str, space, tune_config: dict, number: int | str,
+                   role: str | None = None) -> str:
+    """The trial's nested MLflow run, made (or found again); a confirmation's or an ablation's (`role`)
+    also gets the tags its space gives it (`space.run_tags`: role, arm, seed and its name)."""
+    run_id = child_run_id(paths, trial_id, space.trial_config(tune_config), tune_config, number)
+    if role:
+        tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(space.run_tags(tune_config, role))
+    return run_id
 
-    def __init__(self, paths: SearchPaths, space):
-        self.paths, self.space = paths, space
+
+class TrialRuns(Callback):
+    """The driver's side of the trials' MLflow runs, for every role (search, confirmation, ablation):
+    each is made when its trial starts, named by its place in the run, and ended in the state the trial
+    reached: FINISHED when it trained to the end (its config's run.max_steps), KILLED when the scheduler
+    (or the time budget) stopped it, FAILED on error. `space` turns a Tune config into the trial's
+    Config (`trial_config`)."""
+
+    def __init__(self, paths: SearchPaths, space, role: str | None = None):
+        self.paths, self.space, self.role = paths, space, role
 
     def on_trial_start(self, iteration, trials, trial, **info):
         try:
-            cfg = self.space.trial_config(trial.config)
-            child_run_id(self.paths, trial.trial_id, cfg, trial.config, trials.index(trial) + 1)
+            open_trial_run(self.paths, trial.trial_id, self.space, trial.config, trials.index(trial) + 1, self.role)
         except Exception as err:  # tracking never stops a search; the trial makes its run itself
-            print(f"warning: could not make the MLflow run of trial {trial.trial_id} ({type(err).__name__}: {err})")
+            which = f"{self.role} trial" if self.role else "trial"
+            print(f"warning: could not make the MLflow run of {which} {trial.trial_id} ({type(err).__name__}: {err})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        end_run(self.paths, trial.trial_id, "FINISHED" if step >= self.space.budget.max_steps else "KILLED")
+        max_steps = self.space.trial_config(trial.config).run.max_steps
+        end_run(self.paths, trial.trial_id, "FINISHED" if step >= max_steps else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
         end_run(self.paths, trial.trial_id, "FAILED")
@@ -147,8 +157,6 @@ def end_unfinished_runs(paths: SearchPaths, status: str) -> None:
 
 def live_table(metric_columns: dict, parameter_columns: dict, **options):
     """Tune's live table, the same for a search and for its confirmation (or an ablation)."""
-    from ray.tune import CLIReporter
-
     # Tune's newer table shows the first four metrics a trial reports, not the ones asked for.
     os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
     # print_intermediate_tables: its default follows the verbosity the previous Tune run of this process
