@@ -14,9 +14,24 @@ SHIPPED = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "clusters").rglob("*"
 GPU_SPACE = "lsep-sit-b2-imagenet256"  # 8 workers x (8 CPUs, 1 GPU) per trial
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
+def run_check(*args: str) -> subprocess.CompletedProcess:
+    """The command as a user runs it, in a process of its own."""
     return subprocess.run([sys.executable, "-m", "lsep_tune.clusters", "check", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def check(capsys, monkeypatch):
+    """The command's main() in this process (its imports paid once): returncode, stdout, stderr."""
+    from lsep_tune.clusters.__main__ import main
+
+    monkeypatch.chdir(ROOT)
+
+    def call(*args: str) -> subprocess.CompletedProcess:
+        rc = main(["check", *args])
+        out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(args, rc, out, err)
+    return call
 
 
 def edited(tmp_path: Path, name: str, change) -> str:
@@ -36,10 +51,10 @@ def refused(done: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def test_every_shipped_cluster_file_passes_with_each_gpu_space():
+def test_every_shipped_cluster_file_passes_with_a_gpu_space():
     assert {"clusters/aws.yaml", "clusters/gcp.yaml", "clusters/kuberay-raycluster.yaml",
             "clusters/kuberay-rayjob.yaml", "clusters/slurm/search.sbatch"} <= set(SHIPPED)
-    done = check(*SHIPPED, "--space", GPU_SPACE)
+    done = run_check(*SHIPPED, "--space", GPU_SPACE)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.strip().splitlines()
     assert len(lines) == len(SHIPPED)
@@ -56,19 +71,19 @@ def test_help_is_fast_and_imports_neither_torch_nor_ray():
     assert "--space NAME|FILE" in done.stdout
 
 
-def test_launcher_without_head_node_type(tmp_path):
+def test_launcher_without_head_node_type(tmp_path, check):
     path = edited(tmp_path, "aws.yaml", lambda doc: doc.pop("head_node_type"))
     assert refused(check(path)) == f"error: {path}: head_node_type: missing; expected a string"
 
 
-def test_launcher_outside_rays_schema(tmp_path):
+def test_launcher_outside_rays_schema(tmp_path, check):
     path = edited(tmp_path, "gcp.yaml", lambda doc: doc["available_node_types"]["gpu8"].pop("node_config"))
     line = refused(check(path))
     assert line.startswith(f"error: {path}: available_node_types.gpu8: Ray's cluster-launcher schema: ")
     assert "'node_config' is a required property" in line
 
 
-def test_gpu_space_against_a_worker_group_without_gpus(tmp_path):
+def test_gpu_space_against_a_worker_group_without_gpus(tmp_path, check):
     def no_gpus(doc):
         doc["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["resources"]["limits"].pop(
             "nvidia.com/gpu")
@@ -82,13 +97,13 @@ def test_gpu_space_against_a_worker_group_without_gpus(tmp_path):
     assert "8 workers x 1 GPUs need 8 GPUs, this cluster at its largest has 0" in line
 
 
-def test_launcher_gpu_type_without_gpus(tmp_path):
+def test_launcher_gpu_type_without_gpus(tmp_path, check):
     path = edited(tmp_path, "aws.yaml", lambda doc: doc["available_node_types"]["gpu8"]["resources"].update(GPU=0))
     line = refused(check(path, "--space", GPU_SPACE))
     assert line.startswith(f"error: {path}: available_node_types.gpu8.resources: one trial of ")
 
 
-def test_kuberay_worker_without_the_shared_volume(tmp_path):
+def test_kuberay_worker_without_the_shared_volume(tmp_path, check):
     def unmount(doc):
         worker = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]
         worker["containers"][0]["volumeMounts"] = [m for m in worker["containers"][0]["volumeMounts"]
@@ -101,7 +116,7 @@ def test_kuberay_worker_without_the_shared_volume(tmp_path):
         "the search folder")
 
 
-def test_rayjob_search_folder_off_the_shared_volume(tmp_path):
+def test_rayjob_search_folder_off_the_shared_volume(tmp_path, check):
     def local_output(doc):
         doc["spec"]["entrypoint"] = doc["spec"]["entrypoint"].replace("/shared/searches", "/tmp/searches")
 
@@ -110,7 +125,7 @@ def test_rayjob_search_folder_off_the_shared_volume(tmp_path):
                                            "mount /shared")
 
 
-def test_official_ray_image_needs_the_runtime_env(tmp_path):
+def test_official_ray_image_needs_the_runtime_env(tmp_path, check):
     def official(doc):
         for c in (doc["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"]
                   + doc["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"]):
@@ -118,12 +133,13 @@ def test_official_ray_image_needs_the_runtime_env(tmp_path):
 
     path = edited(tmp_path, "kuberay-rayjob.yaml", official)
     assert "rayproject/ray does not hold lsep_tune" in refused(check(path))
-    installs = edited(tmp_path, "kuberay-rayjob.yaml", lambda doc: (
-        official(doc), doc["spec"].update(runtimeEnvYAML="working_dir: .\npip: [\"lsep_tune @ file:///shared/src\"]\n")))
+    runtime_env = 'pip: ["lsep_tune @ file:///shared/src/lsep_tune"]\n'
+    installs = edited(tmp_path, "kuberay-rayjob.yaml",
+                      lambda doc: (official(doc), doc["spec"].update(runtimeEnvYAML=runtime_env)))
     assert check(installs).returncode == 0
 
 
-def test_slurm_script_without_a_trap_or_gpus(tmp_path):
+def test_slurm_script_without_a_trap_or_gpus(tmp_path, check):
     text = (ROOT / "clusters" / "slurm" / "search.sbatch").read_text()
     no_trap = tmp_path / "no-trap.sbatch"
     no_trap.write_text("\n".join(line for line in text.splitlines() if not line.startswith("trap ")))
@@ -134,7 +150,7 @@ def test_slurm_script_without_a_trap_or_gpus(tmp_path):
     assert line.startswith(f"error: {cpu_only}: #SBATCH --gpus-per-node: one trial of ")
 
 
-def test_not_a_recipe_and_unknown_space(tmp_path):
+def test_not_a_recipe_and_unknown_space(tmp_path, check):
     other = tmp_path / "other.yaml"
     other.write_text("a: 1\n")
     assert refused(check(str(other))).startswith(f"error: {other}: kind: expected a Ray cluster-launcher YAML")
@@ -142,6 +158,6 @@ def test_not_a_recipe_and_unknown_space(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["ReadWriteOnce"])
-def test_shared_claim_must_be_read_write_many(tmp_path, bad):
+def test_shared_claim_must_be_read_write_many(tmp_path, bad, check):
     path = edited(tmp_path, "kuberay-shared.yaml", lambda doc: doc["spec"].update(accessModes=[bad]))
     assert refused(check(path)).startswith(f"error: {path}: spec.accessModes: expected ReadWriteMany")

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ class Slurm:
     def __init__(self, root: Path):
         self.root = root
         self.procs: list[subprocess.Popen] = []
+        self.short = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))  # node-local TMPDIRs of the jobs
         munge = root / "munge"
         munge.mkdir(mode=0o700)
         key, self.socket = munge / "munge.key", munge / "sock"
@@ -138,6 +140,7 @@ class Slurm:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+        shutil.rmtree(self.short, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -154,19 +157,18 @@ def submit(slurm: Slurm, work: Path, *search_args: str) -> str:
     """sbatch of the shipped script on this one node: its CPUs, no GPUs, the venv of this test."""
     cpus = os.cpu_count() or 1
     env = {**slurm.env, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "LSEP_TUNE_SHARED": str(work), "TMPDIR": str(node_tmp(work))}
+           "LSEP_TUNE_SHARED": str(work), "TMPDIR": str(node_tmp(slurm, work))}
     done = subprocess.run(["sbatch", "--parsable", "--nodes=1", f"--cpus-per-task={cpus}", "--gpus-per-node=0",
                            "--time=30", f"--output={work / 'job.out'}", str(SBATCH), *search_args],
                           capture_output=True, text=True, env=env, check=True, cwd=work)
     return done.stdout.strip().split(";")[0]
 
 
-def node_tmp(work: Path) -> Path:
+def node_tmp(slurm: Slurm, work: Path) -> Path:
     """The node-local TMPDIR a job gets: short, as Ray's socket paths under it must fit 107 bytes."""
-    link = work / "tmp"
-    if not link.exists():
-        link.symlink_to(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
-    return link.resolve()
+    short = slurm.short / f"{zlib.crc32(str(work).encode()):08x}"
+    short.mkdir(exist_ok=True)
+    return short
 
 
 def ray_processes(marker: str) -> list[str]:
@@ -195,7 +197,7 @@ def test_sbatch_runs_a_smoke_search_on_its_own_ray_and_stops_it(slurm, tmp_path)
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["best_trial"] and (tmp_path / "search" / "best.yaml").exists()
     assert summary["ray_address"].startswith("127.0.0.1:")  # the job's head, on loopback
-    ray_tmp = node_tmp(tmp_path) / f"ray-{job_id}"
+    ray_tmp = node_tmp(slurm, tmp_path) / f"ray-{job_id}"
     assert not ray_tmp.exists() and not ray_processes(str(ray_tmp))  # the job's Ray is gone with it
 
 
@@ -203,7 +205,7 @@ def test_sbatch_runs_a_smoke_search_on_its_own_ray_and_stops_it(slurm, tmp_path)
 @pytest.mark.timeout(600)
 def test_scancel_stops_the_jobs_ray(slurm, tmp_path):
     job_id = submit(slurm, tmp_path, "--output", str(tmp_path / "search"))
-    ray_tmp = node_tmp(tmp_path) / f"ray-{job_id}"
+    ray_tmp = node_tmp(slurm, tmp_path) / f"ray-{job_id}"
     out = tmp_path / "job.out"
     deadline = time.time() + 300
     while not (out.exists() and "Ray cluster ready" in out.read_text()):

@@ -77,9 +77,12 @@ def check_space(shape: Shape, space, source: str) -> str:
         check_placement(Placement(1, b.gpus_per_worker, b.cpus_per_worker), {"CPU": best.cpus, "GPU": best.gpus},
                         f"its largest node ({best.name})")
     except InputError as err:
-        gpu = "gpu" in err.field or "GPU" in err.expectation.split("need")[-1]
-        field = worker_groups[-1].field if gpu else worker_groups[-1].field.replace("nvidia.com/gpu", "cpu")
-        raise InputError(source, field, f"one trial of {space.source} must fit: {err.field}: "
+        # check_trial_fits names the budget's field; check_placement its neutral argument
+        budget_field = err.field if err.field.startswith("budget.") else {
+            "gpus_per_worker": "budget.gpus_per_worker"}.get(err.source, "budget.cpus_per_worker")
+        short = worker_groups[-1]
+        field = short.gpu_field if budget_field == "budget.gpus_per_worker" else short.cpu_field
+        raise InputError(source, field, f"one trial of {space.source} must fit: {budget_field}: "
                                         f"{err.expectation}") from None
     return (f"{space.source}: one trial ({b.workers_per_trial} x ({b.cpus_per_worker:g} CPUs, "
             f"{b.gpus_per_worker:g} GPUs)) fits")

@@ -73,9 +73,11 @@ def _group(template: dict, start: dict, name: str, count: int, source: str, wher
     limits = (container.get("resources") or {}).get("limits") or {}
     start = start or {}
     if "num-cpus" in start:
-        cpus = cpu_quantity(start["num-cpus"], source, f"{where}.rayStartParams.num-cpus")
+        cpu_field = f"{where}.rayStartParams.num-cpus"
+        cpus = cpu_quantity(start["num-cpus"], source, cpu_field)
     elif "cpu" in limits:
-        cpus = cpu_quantity(limits["cpu"], source, f"{cwhere}.resources.limits.cpu")
+        cpu_field = f"{cwhere}.resources.limits.cpu"
+        cpus = cpu_quantity(limits["cpu"], source, cpu_field)
     else:
         raise InputError(source, f"{cwhere}.resources.limits.cpu", "expected a CPU limit: Ray counts it")
     gpu_field = f"{cwhere}.resources.limits.nvidia.com/gpu"
@@ -83,7 +85,7 @@ def _group(template: dict, start: dict, name: str, count: int, source: str, wher
     if float(limits.get("nvidia.com/gpu", 0)) and not template.get("spec", {}).get("tolerations"):
         raise InputError(source, f"{where}.spec.tolerations", "expected a toleration for the GPU nodes' taint "
                                                               "(e.g. nvidia.com/gpu NoSchedule) beside the GPU limit")
-    return NodeGroup(name, count, cpus, gpus, gpu_field), shared, image
+    return NodeGroup(name, count, cpus, gpus, cpu_field, gpu_field), shared, image
 
 
 def cluster_spec(spec: dict, source: str, prefix: str) -> tuple[Shape, list[str]]:

@@ -111,7 +111,7 @@ def check(doc: dict, source: str, placement: bool) -> Shape:
             cpus, gpus = _resource(node, "CPU", source, field), float(node.get("resources", {}).get("GPU", 0))
         else:
             cpus, gpus = float(node.get("resources", {}).get("CPU", 0)), float(node.get("resources", {}).get("GPU", 0))
-        groups.append(NodeGroup(name, count, cpus, gpus, field))
+        groups.append(NodeGroup(name, count, cpus, gpus, field, field))
     groups.sort(key=lambda g: g.name != head_type)
     bounds = [f"{n} {t.get('min_workers', 0)}-{t.get('max_workers', doc.get('max_workers', 2))} workers"
               for n, t in types.items() if n != head_type]

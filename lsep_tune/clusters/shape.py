@@ -10,13 +10,14 @@ from lsep_tune.errors import InputError
 @dataclass(frozen=True)
 class NodeGroup:
     """Nodes of one kind: up to `max_nodes` of them, each offering `cpus` and `gpus` to Ray.
-    `field` names where the file sets the group's resources, for error lines."""
+    `cpu_field` and `gpu_field` name where the file sets them, for error lines."""
 
     name: str
     max_nodes: int
     cpus: float
     gpus: float
-    field: str
+    cpu_field: str
+    gpu_field: str
 
     def describe(self) -> str:
         count = "1" if self.name == "head" else f"up to {self.max_nodes}"

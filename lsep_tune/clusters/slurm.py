@@ -18,7 +18,8 @@ NEEDED = (
     (r"\bray start\b[^\n]*--head", "a Ray head started by `srun ... ray start --head --block`"),
     (r"\bray start\b[^\n]*--address", "Ray workers on the other nodes, `srun ... ray start --address=HEAD:PORT`"),
     (r"-m lsep_tune\.search\b", "the search, `python -m lsep_tune.search \"$@\"`"),
-    (r"^\s*trap\s+[^-\s].*\b(EXIT|TERM)\b", "a trap that stops the job's own Ray steps when the search ends or the job is cancelled"),
+    (r"^\s*trap\s+[^-\s].*\b(EXIT|TERM)\b",
+     "a trap that stops the job's own Ray steps when the search ends or the job is cancelled"),
     (r"^\s*cd\b", "a `cd` to the shared folder the search folder lives in"),
 )
 
@@ -65,8 +66,9 @@ def check(text: str, source: str, placement: bool) -> Shape:
         gpus = _count(options, "gpus-per-node", "0", source)
     else:
         gpus = _count(options, "gres", "", source) if "gres" in options else 0.0
-    groups = [NodeGroup("head", 1, cpus, gpus, "#SBATCH --gpus-per-node")]
+    fields = ("#SBATCH --cpus-per-task", "#SBATCH --gpus-per-node")
+    groups = [NodeGroup("head", 1, cpus, gpus, *fields)]
     if nodes > 1:
-        groups.append(NodeGroup("workers", nodes - 1, cpus, gpus, "#SBATCH --gpus-per-node"))
+        groups.append(NodeGroup("workers", nodes - 1, cpus, gpus, *fields))
     where = "the search's working folder ($LSEP_TUNE_SHARED, else the submit folder)"
     return Shape(KIND, groups, where, notes=[f"time {options.get('time', 'the partition default')}"])
