@@ -17,6 +17,7 @@ from lsep_tune.clusters.shape import NodeGroup, Shape, get
 from lsep_tune.errors import InputError
 
 KIND = "Ray cluster launcher"
+OFFICIAL_IMAGE = "rayproject/ray"  # Ray's image, without lsep_tune
 
 
 def matches(doc: Any) -> bool:
@@ -82,9 +83,11 @@ def check(doc: dict, source: str, placement: bool) -> Shape:
                                                    f"got {head_type}")
     docker = doc.get("docker") or {}
     installs = any("pip install" in str(c) for c in doc.get("setup_commands", []))
-    if not docker.get("image") and not docker.get("head_image") and not installs:
-        raise InputError(source, "docker.image", "expected the lsep_tune image, or setup_commands that "
-                                                 "pip install the project, on every node")
+    image = str(docker.get("image") or docker.get("head_image") or "")
+    if not installs and (not image or image.split(":")[0].endswith(OFFICIAL_IMAGE)):
+        lacks = f" ({image} lacks it)" if image else ""
+        raise InputError(source, "docker.image", f"expected the lsep_tune image, or setup_commands that pip install "
+                                                 f"the project on every node{lacks}")
     shared = None
     for name, node in types.items():
         init, setup = _node_commands(doc, name, node)
@@ -105,7 +108,8 @@ def check(doc: dict, source: str, placement: bool) -> Shape:
                                                            "reach the container on every node")
     groups = []
     for name, node in types.items():
-        count = 1 if name == head_type else int(node.get("max_workers", doc.get("max_workers", 2)))
+        cap = int(doc.get("max_workers", 2))  # the launcher's cap on all worker nodes together (Ray's default: 2)
+        count = 1 if name == head_type else min(int(node.get("max_workers", cap)), cap)
         field = f"available_node_types.{name}.resources"
         if placement:
             cpus, gpus = _resource(node, "CPU", source, field), float(node.get("resources", {}).get("GPU", 0))
@@ -113,6 +117,4 @@ def check(doc: dict, source: str, placement: bool) -> Shape:
             cpus, gpus = float(node.get("resources", {}).get("CPU", 0)), float(node.get("resources", {}).get("GPU", 0))
         groups.append(NodeGroup(name, count, cpus, gpus, field, field))
     groups.sort(key=lambda g: g.name != head_type)
-    bounds = [f"{n} {t.get('min_workers', 0)}-{t.get('max_workers', doc.get('max_workers', 2))} workers"
-              for n, t in types.items() if n != head_type]
-    return Shape(KIND, groups, shared, notes=[f"provider {doc['provider']['type']}", *bounds])
+    return Shape(KIND, groups, shared, notes=[f"provider {doc['provider']['type']}"])
