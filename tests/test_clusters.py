@@ -137,6 +137,10 @@ def test_official_ray_image_needs_the_runtime_env(tmp_path, check):
     installs = edited(tmp_path, "kuberay-rayjob.yaml",
                       lambda doc: (official(doc), doc["spec"].update(runtimeEnvYAML=runtime_env)))
     assert check(installs).returncode == 0
+    launcher = edited(tmp_path, "aws.yaml", lambda doc: doc["docker"].update(image="rayproject/ray:2.60.0-py311-gpu"))
+    assert refused(check(launcher)) == (
+        f"error: {launcher}: docker.image: expected the lsep_tune image, or setup_commands that pip install the "
+        "project on every node (rayproject/ray:2.60.0-py311-gpu lacks it)")
 
 
 def test_slurm_script_without_a_trap_or_gpus(tmp_path, check):
