@@ -22,7 +22,7 @@ from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "clusters" / "slurm" / "search.sbatch"
-DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "munged", "mungekey")
+DAEMONS = ("slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue", "scancel", "munged", "mungekey")
 ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED", "BOOT_FAIL",
          "DEADLINE"}
 
@@ -133,6 +133,12 @@ class Slurm:
         raise AssertionError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout:.0f} s")
 
     def stop(self) -> None:
+        """Cancel what is still queued or running (its trap then ends its Ray), then end the daemons."""
+        if all(proc.poll() is None for proc in self.procs):
+            self.run("scancel", "--me")
+            deadline = time.time() + 90
+            while self.run("squeue", "-h").stdout.strip() and time.time() < deadline:
+                time.sleep(2)
         for proc in reversed(self.procs):
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -216,8 +222,8 @@ def test_scancel_stops_the_jobs_ray(slurm, tmp_path):
     slurm.run("scancel", job_id)
     job = slurm.wait_job(job_id, timeout=120)
     assert job["JobState"] == "CANCELLED"
-    deadline = time.time() + 60
-    while ray_processes(str(ray_tmp)) and time.time() < deadline:
+    deadline = time.time() + 90  # Ray drains up to 30 s on SIGTERM, then the trap removes its temp dir
+    while (ray_processes(str(ray_tmp)) or ray_tmp.exists()) and time.time() < deadline:
         time.sleep(1)
     assert not ray_processes(str(ray_tmp))
     assert not ray_tmp.exists(), "the job's trap did not clean up its Ray temp dir"
