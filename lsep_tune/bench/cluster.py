@@ -30,10 +30,10 @@ LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 TRIAL_CPU = 0.01  # a trial asks for slots; CPU must never be what limits the simulated cluster
 NODE_CPUS = 1
 NODE_OBJECT_STORE = 80 * 2**20  # Ray's minimum is 75 MiB
-# Memory one tiny digits trial process holds (Ray worker + torch + the model), and one simulated node
-# (raylet + its agents), measured on the 2-core machine (docs/PERFORMANCE.md); sizes the default
-# concurrency to half of what the machine has free.
-TRIAL_RSS_BYTES = 600 * 2**20
+# Memory one tiny digits trial process holds (a Ray worker importing ray, torch, mlflow and lsep_tune:
+# 1.0 GiB max RSS measured 2026-12-02, docs/PERFORMANCE.md), and one simulated node (raylet + its
+# agents, an estimate); they size the default concurrency to half of what the machine has free.
+TRIAL_RSS_BYTES = 2**30
 NODE_RSS_BYTES = 200 * 2**20
 
 # Every key of one size's result, documented (docs/PERFORMANCE.md repeats this table).
