@@ -1,1 +1,1 @@
-"""Benchmarks of the real training step and of a search: `python -m lsep_tune.bench train|search`."""
+"""Benchmarks of the real training step, a search and a simulated large search: `python -m lsep_tune.bench train|search|cluster`."""

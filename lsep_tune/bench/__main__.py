@@ -1,4 +1,4 @@
-"""python -m lsep_tune.bench train|search: what a step and a search cost (see docs/PERFORMANCE.md)."""
+"""python -m lsep_tune.bench train|search|cluster: what a step, a search and a large search cost (see docs/PERFORMANCE.md)."""
 from __future__ import annotations
 
 import argparse
@@ -40,7 +40,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     s.add_argument("--max-concurrent", type=int)
     s.add_argument("--output", help="search folder (default: a new temporary folder)")
     s.add_argument("--json", action="store_true", help="print the report as one JSON object")
-    return p.parse_args(argv)
+
+    c = sub.add_parser("cluster", help="a large search on a simulated multi-node GPU cluster: driver CPU and "
+                                       "memory, Tune state, MLflow and Optuna writes, scheduling delay")
+    c.add_argument("--sizes", default="50,100,200", help="search sizes in trials, comma-separated (default: 50,100,200)")
+    c.add_argument("--nodes", type=int, default=16, help="simulated Ray nodes on 127.0.0.1 (default: 16)")
+    c.add_argument("--slots-per-node", type=int, default=8, help="GPU slots each node advertises (default: 8)")
+    c.add_argument("--slots-per-trial", type=int, default=8, help="GPU slots each trial asks for (default: 8)")
+    c.add_argument("--max-concurrent", type=int,
+                   help="trials at once (default: what half this machine's free memory holds, at most the slots')")
+    c.add_argument("--steps", type=int, default=4, help="training steps per trial (default: 4)")
+    c.add_argument("--output", help="folder for every size's search (default: a new temporary folder)")
+    c.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def check(args: argparse.Namespace) -> None:
@@ -87,6 +101,10 @@ def _bench(argv: list[str] | None) -> int:
         for r in args.regularizers:  # every configuration is checked before anything runs
             bench_config(args, parse_regularizers(r), args.baseline)
         return run_train(args)
+    if args.command == "cluster":
+        from lsep_tune.bench.cluster import run_cluster_bench
+
+        return run_cluster_bench(args)
     from lsep_tune.bench.search import run_search_bench
 
     return run_search_bench(args)

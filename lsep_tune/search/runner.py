@@ -42,8 +42,11 @@ def parent_run_name(output: Path) -> str:
     return output.name if output.name.startswith("search") else f"search-{output.name}"
 
 
-def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> dict:
-    """Run (or resume) the search; Ray must already be connected. Returns the summary."""
+def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, *, resources=None,
+               callbacks: tuple = ()) -> dict:
+    """Run (or resume) the search; Ray must already be connected. Returns the summary.
+    `resources` (what each trial asks of Ray, default `trial_resources(space.budget)`) and extra Tune
+    `callbacks` let `bench cluster` run this same search on simulated GPU slots and time it."""
     import optuna
     import ray
 
@@ -69,7 +72,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     space_file.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     parent_tracker.log_artifact(space_file)
     with ends_killed_on_error(paths, parent_tracker):
-        results = fit(space, paths, resume)
+        results = fit(space, paths, resume, resources, callbacks)
     end_unfinished_runs(paths, "KILLED")
     rows = report.trial_table(results, space)
     single = len(space.metric_names) == 1
@@ -136,7 +139,7 @@ def progress_table(space):
     return live_table(columns, params, sort_by_metric=True)  # ranked on TuneConfig's metric
 
 
-def fit(space, paths: SearchPaths, resume: bool):
+def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tuple = ()):
     """The Tuner run, new or restored; returns Tune's ResultGrid."""
     from ray import tune
 
@@ -146,7 +149,7 @@ def fit(space, paths: SearchPaths, resume: bool):
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
     trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
-                                    trial_resources(space.budget))
+                                    trial_resources(space.budget) if resources is None else resources)
     tune_path = paths.tune_root / "search"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
@@ -165,7 +168,8 @@ def fit(space, paths: SearchPaths, resume: bool):
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
                                       failure_config=tune.FailureConfig(max_failures=0),
-                                      callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space),
+                                      callbacks=[TrialRuns(paths, space), *callbacks],
+                                      progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps
         )
     return tuner.fit()
