@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
 from lsep_tune.search import report
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
+from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
 TRIAL_ID_TAG = "lsep_tune.trial_id"
 
 
@@ -33,10 +35,12 @@ class SearchPaths:
     output: Path
     mlflow_uri: str
     parent_run_id: str
+    study_storage: str | None = None  # --optuna-storage; None: a sqlite file in the search folder
+    study_name: str = STUDY_NAME
 
     @property
     def optuna_storage(self) -> str:
-        return f"sqlite:///{(self.output / 'optuna.db').resolve()}"
+        return self.study_storage or default_storage(self.output)
 
     @property
     def tune_root(self) -> Path:
@@ -171,8 +175,15 @@ def parent_run_name(output: Path) -> str:
     return output.name if output.name.startswith("search") else f"search-{output.name}"
 
 
-def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> dict:
-    """Run (or resume) the search; Ray must already be connected. Returns the summary."""
+def study_name_for(output: Path, optuna_storage: str | None) -> str:
+    """`lsep_tune` in the search's own sqlite file; in a database searches share, one study per search,
+    named by its folder and a random suffix, so that no search joins another's study."""
+    return STUDY_NAME if optuna_storage is None else f"{parent_run_name(output)}-{uuid.uuid4().hex[:8]}"
+
+
+def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optuna_storage: str | None = None) -> dict:
+    """Run (or resume) the search; Ray must already be connected. Returns the summary.
+    `optuna_storage`: the study's database URL (default: optuna.db in `output`)."""
     import optuna
     import ray
 
@@ -184,14 +195,18 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
     output.mkdir(parents=True, exist_ok=True)  # checked writable before Ray started; made only now
     state_file = output / "search.json"
     state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    storage = optuna_storage or default_storage(output)
+    study_name = state.get("study_name") or study_name_for(output, optuna_storage)
     parent = state.get("mlflow_parent_run_id") or tracking.create_run(
         mlflow_uri, {f"space.{k}": v for k, v in flatten(space.to_dict()).items()},
-        {"lsep_tune.kind": "search", "space": space.source, "output": str(output)},
+        {"lsep_tune.kind": "search", "space": space.source, "output": str(output),
+         "optuna_storage": masked(storage), "optuna_study": study_name},
         run_name=parent_run_name(output), artifact_location=tracking.artifact_location_for(mlflow_uri, output),
     )
-    paths = SearchPaths(output, mlflow_uri, parent)
-    state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent, optuna_storage=paths.optuna_storage,
-                 study_name=STUDY_NAME, space=space.source, tune_path=str(paths.tune_root / "search"))
+    paths = SearchPaths(output, mlflow_uri, parent, storage, study_name)
+    state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent,
+                 optuna_storage=without_password(storage),
+                 study_name=paths.study_name, space=space.source, tune_path=str(paths.tune_root / "search"))
     state_file.write_text(json.dumps(state, indent=2) + "\n")
     parent_tracker = tracking.RunTracker(mlflow_uri, parent)
     space_file = output / "space.yaml"
@@ -209,7 +224,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
 
         with ends_killed_on_error(paths, parent_tracker):
             confirmation = confirm_search(space, rows, paths, space.confirm)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
+    study = optuna.load_study(study_name=paths.study_name, storage=open_storage(paths.optuna_storage))
     summary = {
         "space": space.source,
         "num_samples": space.budget.num_samples,
@@ -223,8 +238,8 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         "wall_time_s": round(time.time() - started + state.get("wall_time_s", 0.0), 1),
         "mlflow_tracking_uri": mlflow_uri,
         "mlflow_parent_run_id": parent,
-        "optuna_storage": paths.optuna_storage,
-        "optuna_study": STUDY_NAME,
+        "optuna_storage": masked(paths.optuna_storage),
+        "optuna_study": paths.study_name,
         "ray_address": ray.get_runtime_context().gcs_address,
     }
     if single:
@@ -299,7 +314,7 @@ def fit(space, paths: SearchPaths, resume: bool):
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(space, paths.optuna_storage),
+                search_alg=make_searcher(space, paths.optuna_storage, paths.study_name),
                 scheduler=make_scheduler(space),
                 num_samples=space.budget.num_samples,
                 metric=space.metric_names[0] if single else None,
