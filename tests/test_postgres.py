@@ -2,6 +2,7 @@
 PostgreSQL, served artifacts, basic authentication) and `--optuna-storage` (the study in PostgreSQL,
 continued by --resume). Skipped, with the reason, where PostgreSQL is not installed."""
 import base64
+import contextlib
 import glob
 import json
 import os
@@ -200,7 +201,7 @@ def killed_and_resumed(postgres, team_mlflow, tmp_path_factory):
     log = open(root / "first.log", "w")
     proc = subprocess.Popen(cmd + ["--optuna-storage", storage], stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True, cwd=root)
-    deadline = time.time() + 400
+    deadline = time.time() + 600
     try:
         while time.time() < deadline:
             assert proc.poll() is None, (root / "first.log").read_text()[-3000:]
@@ -215,7 +216,8 @@ def killed_and_resumed(postgres, team_mlflow, tmp_path_factory):
         else:
             pytest.fail("the search did not get far enough to be killed")
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # already ended (a failed first run)
+            os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
     assert not (out / "summary.json").exists()
