@@ -14,7 +14,8 @@ from lsep_tune.cluster import ends_local_ray
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 
 # Neutral names in library errors -> the flags of this command.
-FLAGS = {"address": "--address", "storage": "--output", "output": "--output", "mlflow_uri": "--mlflow-uri"}
+FLAGS = {"address": "--address", "storage": "--output", "output": "--output", "mlflow_uri": "--mlflow-uri",
+         "optuna_storage": "--optuna-storage"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,6 +26,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-concurrent", type=int, help="trials at once (overrides budget.max_concurrent)")
     p.add_argument("--output", help="search folder (default: runs/search-<space>-<time>; with --resume the latest)")
     p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
+    p.add_argument("--optuna-storage", help="Optuna study's database, e.g. postgresql+psycopg://USER@HOST:5432/optuna "
+                   "(default: sqlite:///OUTPUT/optuna.db; with --resume the search's own)")
     p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--resume", action="store_true", help="continue the search in --output (or the latest one)")
     p.add_argument("--smoke", action="store_true", help="shrink the space to a 2-3 minute check of the whole path")
@@ -54,6 +57,7 @@ def prepare(args):
     from lsep_tune.data import check_available
     from lsep_tune.files import require_writable_dir
     from lsep_tune.search.space import load_space
+    from lsep_tune.search.storage import resolve_storage
 
     for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
         if value is not None and value < 1:
@@ -68,12 +72,14 @@ def prepare(args):
         check_trial_fits(space.budget, space.source, machine_resources(), "this machine")
     output = resolve_output(args, space.name)
     uri = args.mlflow_uri
+    state = json.loads((output / "search.json").read_text()) if args.resume else {}
     if args.resume and not uri:
-        uri = json.loads((output / "search.json").read_text()).get("mlflow_tracking_uri")
+        uri = state.get("mlflow_tracking_uri")
     if uri:  # given (or remembered): its own mistakes are its own
         problem = tracking.check_uri(uri)
         if problem:
             raise InputError("mlflow_uri", uri, problem)
+    args.optuna_storage = resolve_storage(args.optuna_storage, output, state.get("optuna_storage"))
     require_writable_dir(output, "output")
     return space, output, uri or tracking.default_uri(output)
 
@@ -100,7 +106,7 @@ def _main(args: argparse.Namespace) -> int:
     from lsep_tune.search.runner import run_search
     from lsep_tune.tracking import ui_command
 
-    summary = run_search(space, output, uri, resume=args.resume)
+    summary = run_search(space, output, uri, resume=args.resume, optuna_storage=args.optuna_storage)
     print_summary(summary, output, ui_command(uri))
     return 0 if summary["best_trial"] else 1
 

@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -24,6 +25,7 @@ from lsep_tune.config import dump_config, flatten
 from lsep_tune.search import report
 from lsep_tune.search.confirm import confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
+from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
 from lsep_tune.search.trials import SearchPaths, TrialRuns, end_unfinished_runs, live_table, trial_main
 
 
@@ -42,9 +44,16 @@ def parent_run_name(output: Path) -> str:
     return output.name if output.name.startswith("search") else f"search-{output.name}"
 
 
-def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, *, resources=None,
-               callbacks: tuple = ()) -> dict:
+def study_name_for(output: Path, optuna_storage: str | None) -> str:
+    """`lsep_tune` in the search's own sqlite file; in a database searches share, one study per search,
+    named by its folder and a random suffix, so that no search joins another's study."""
+    return STUDY_NAME if optuna_storage is None else f"{parent_run_name(output)}-{uuid.uuid4().hex[:8]}"
+
+
+def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optuna_storage: str | None = None, *,
+               resources=None, callbacks: tuple = ()) -> dict:
     """Run (or resume) the search; Ray must already be connected. Returns the summary.
+    `optuna_storage`: the study's database URL (default: optuna.db in `output`).
     `resources` (what each trial asks of Ray, default `trial_resources(space.budget)`) and extra Tune
     `callbacks` let `bench cluster` run this same search on simulated GPU slots and time it."""
     import optuna
@@ -58,14 +67,18 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, *, re
     output.mkdir(parents=True, exist_ok=True)  # checked writable before Ray started; made only now
     state_file = output / "search.json"
     state = json.loads(state_file.read_text()) if resume and state_file.exists() else {}
+    storage = optuna_storage or default_storage(output)
+    study_name = state.get("study_name") or study_name_for(output, optuna_storage)
     parent = state.get("mlflow_parent_run_id") or tracking.create_run(
         mlflow_uri, {f"space.{k}": v for k, v in flatten(space.to_dict()).items()},
-        {"lsep_tune.kind": "search", "space": space.source, "output": str(output)},
+        {"lsep_tune.kind": "search", "space": space.source, "output": str(output),
+         "optuna_storage": masked(storage), "optuna_study": study_name},
         run_name=parent_run_name(output), artifact_location=tracking.artifact_location_for(mlflow_uri, output),
     )
-    paths = SearchPaths(output, mlflow_uri, parent)
-    state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent, optuna_storage=paths.optuna_storage,
-                 study_name=STUDY_NAME, space=space.source, tune_path=str(paths.tune_root / "search"))
+    paths = SearchPaths(output, mlflow_uri, parent, storage, study_name)
+    state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent,
+                 optuna_storage=without_password(storage),
+                 study_name=paths.study_name, space=space.source, tune_path=str(paths.tune_root / "search"))
     state_file.write_text(json.dumps(state, indent=2) + "\n")
     parent_tracker = tracking.RunTracker(mlflow_uri, parent)
     space_file = output / "space.yaml"
@@ -81,7 +94,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, *, re
     if best and space.confirm:  # trained again on fresh seeds; writes best.yaml as the confirmed winner
         with ends_killed_on_error(paths, parent_tracker):
             confirmation = confirm_search(space, rows, paths, space.confirm)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=paths.optuna_storage)
+    study = optuna.load_study(study_name=paths.study_name, storage=open_storage(paths.optuna_storage))
     summary = {
         "space": space.source,
         "num_samples": space.budget.num_samples,
@@ -95,8 +108,8 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, *, re
         "wall_time_s": round(time.time() - started + state.get("wall_time_s", 0.0), 1),
         "mlflow_tracking_uri": mlflow_uri,
         "mlflow_parent_run_id": parent,
-        "optuna_storage": paths.optuna_storage,
-        "optuna_study": STUDY_NAME,
+        "optuna_storage": masked(paths.optuna_storage),
+        "optuna_study": paths.study_name,
         "ray_address": ray.get_runtime_context().gcs_address,
     }
     if single:
@@ -159,7 +172,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(
-                search_alg=make_searcher(space, paths.optuna_storage),
+                search_alg=make_searcher(space, paths.optuna_storage, paths.study_name),
                 scheduler=make_scheduler(space),
                 num_samples=space.budget.num_samples,
                 metric=space.metric_names[0] if single else None,

@@ -18,6 +18,7 @@ from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
 from lsep_tune.search.schema import SEARCHERS
+from lsep_tune.search.storage import open_storage
 
 STUDY_NAME = "lsep_tune"
 
@@ -70,7 +71,7 @@ class StudySearch(OptunaSearch):
         super().on_trial_complete(trial_id, result, error)
 
 
-def make_searcher(space, storage: str):
+def make_searcher(space, storage: str, study_name: str = STUDY_NAME):
     """The space's Optuna sampler behind Ray's searcher, its study in an RDB `storage`."""
     searcher = StudySearch(
         space=space.define_by_run,
@@ -78,8 +79,8 @@ def make_searcher(space, storage: str):
         mode=space.mode,
         points_to_evaluate=space.points_to_evaluate or None,
         sampler=space.sampler(),
-        study_name=STUDY_NAME,
-        storage=optuna.storages.RDBStorage(storage),
+        study_name=study_name,
+        storage=open_storage(storage),
         max_steps=space.budget.max_steps,
         modes=list(space.modes),
     )

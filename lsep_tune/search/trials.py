@@ -16,6 +16,8 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from lsep_tune import tracking
 from lsep_tune.cluster import Placement
+from lsep_tune.search.searcher import STUDY_NAME
+from lsep_tune.search.storage import default_storage
 from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
 from lsep_tune.train.tune_context import run_in_trial
 
@@ -27,10 +29,12 @@ class SearchPaths:
     output: Path
     mlflow_uri: str
     parent_run_id: str
+    study_storage: str | None = None  # --optuna-storage; None: a sqlite file in the search folder
+    study_name: str = STUDY_NAME
 
     @property
     def optuna_storage(self) -> str:
-        return f"sqlite:///{(self.output / 'optuna.db').resolve()}"
+        return self.study_storage or default_storage(self.output)
 
     @property
     def tune_root(self) -> Path:
