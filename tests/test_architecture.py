@@ -22,7 +22,8 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
     ("config", ("lsep_tune.config",)),
     ("checkpoints", ("lsep_tune.checkpoint",)),
     ("training and sampling", ("lsep_tune.train", "lsep_tune.sample.batch")),
-    ("search, confirmation, ablation, benchmarks", ("lsep_tune.search", "lsep_tune.ablate", "lsep_tune.bench")),
+    ("search, confirmation, ablation, benchmarks", ("lsep_tune.search", "lsep_tune.ablate", "lsep_tune.bench",
+                                                    "lsep_tune.clusters")),
     ("command lines", ("*.__main__", "lsep_tune.preprocess", "lsep_tune.evaluate",
                        "lsep_tune.evaluation.train_digits_extractor")),
 ]
