@@ -17,6 +17,7 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.models.sit import model_names, parse_model_name
+from lsep_tune.presets import preset_names
 from lsep_tune.schema import FieldError, StrictModel, known
 
 
@@ -258,10 +259,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("lsep_tune.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 def _read_yaml(path: Path, source: str) -> dict[str, Any]:

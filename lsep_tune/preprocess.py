@@ -361,13 +361,13 @@ def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]
     return root, out, class_map, items
 
 
-def run(args) -> dict:
-    """Encode every pending shard and write manifest.json; returns the manifest."""
+def run(args, ray_session) -> dict:
+    """Encode every pending shard and write manifest.json; returns the manifest. Ray is joined
+    through `ray_session` (a cli.RaySession) only when some shard is left to encode."""
     import ray
     from tqdm import tqdm
 
     from lsep_tune import vae as vae_mod
-    from lsep_tune.cluster import connect_ray
 
     root, out, class_map, items = check_args(args)
     vae = load_vae_any(args.vae)
@@ -392,7 +392,7 @@ def run(args) -> dict:
           f"{len(shards) - len(pending)} already done, {todo} images to encode", flush=True)
 
     if pending:
-        args.started_ray = connect_ray(args.address)
+        ray_session.connect(args.address)
         gpus = args.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -428,12 +428,12 @@ FLAGS = {"vae": "--vae", "encoder": "--encoder", "address": "--address"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lsep_tune.cluster import ends_local_ray
+    from lsep_tune.cli import RaySession
     from lsep_tune.errors import run_cli
 
-    @ends_local_ray
     def body(args):
-        run(args)
+        with RaySession() as ray_session:
+            run(args, ray_session)
         return 0
 
     def command() -> int:
