@@ -309,7 +309,7 @@ def _ablate(args: argparse.Namespace) -> int:
         print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
               f"{summary['wall_time_s']:.0f} s")
         print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; chart: {output / 'bars.png'}")
-        print(f"MLflow: {ui_command(uri)}")
+        print(f"MLflow: {ui_command(uri, summary['mlflow_parent_run_id'])}")
         return 0 if summary["failed_runs"] < len(arms) * len(summary["seeds"]) else 1
 
 

@@ -26,6 +26,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     cli.add_mlflow_uri(p)
     cli.add_address(p)
     p.add_argument("--resume", action="store_true", help="continue the search in --output (or the latest one)")
+    p.add_argument("--register-model", metavar="NAME",
+                   help="register the confirmed winner (or the kept baseline) as a version of model NAME "
+                        "in the MLflow model registry")
     p.add_argument("--smoke", action="store_true", help="shrink the space to a 2-3 minute check of the whole path")
     return p.parse_args(argv)
 
@@ -84,8 +87,8 @@ def _main(args: argparse.Namespace) -> int:
 
         ray_session.connect(args.address, num_cpus=local_ray_cpus(space.budget), budget=space.budget,
                             source=space.source)
-        summary = run_search(space, output, uri, resume=args.resume)
-        print_summary(summary, output, ui_command(uri))
+        summary = run_search(space, output, uri, resume=args.resume, register_model=args.register_model)
+        print_summary(summary, output, ui_command(uri, summary["mlflow_parent_run_id"]))
         return 0 if summary["best_trial"] else 1
 
 

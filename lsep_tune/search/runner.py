@@ -21,8 +21,10 @@ import yaml
 from ray.tune import Callback
 
 from lsep_tune import tracking
+from lsep_tune.checkpoint import EMA_FILE
 from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
+from lsep_tune.data import identity as data_identity
 from lsep_tune.search import report
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 TRIAL_ID_TAG = "lsep_tune.trial_id"
@@ -73,11 +75,13 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
     if found:
         return found.info.run_id
     parent = client.get_run(paths.parent_run_id)
-    return tracking.create_run(
+    run_id = tracking.create_run(
         paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
         run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
         parent_run_id=paths.parent_run_id,
     )
+    tracking.log_dataset(paths.mlflow_uri, run_id, data_identity(cfg.data))
+    return run_id
 
 
 def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
@@ -171,8 +175,10 @@ def parent_run_name(output: Path) -> str:
     return output.name if output.name.startswith("search") else f"search-{output.name}"
 
 
-def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> dict:
-    """Run (or resume) the search; Ray must already be connected. Returns the summary."""
+def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, register_model: str | None = None) -> dict:
+    """Run (or resume) the search; Ray must already be connected. Returns the summary. The confirmed
+    winner (the best trial without a confirmation) becomes the parent run's MLflow model, registered
+    as `register_model` when given."""
     import optuna
     import ray
 
@@ -250,12 +256,51 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         parent_tracker.set_tags({"best_trial": best["id"]})
     for plot in report.optuna_plots(study, space, output / "plots"):
         parent_tracker.log_artifact(plot, "plots")
+    if best:
+        summary.update(log_winner_model(paths, best, confirmation, register_model))
+    summary["mlflow_runs_url"] = tracking.runs_page(mlflow_uri, parent)
     state["wall_time_s"] = summary["wall_time_s"]
     state_file.write_text(json.dumps(state, indent=2) + "\n")
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     parent_tracker.log_artifact(output / "summary.json")
     parent_tracker.finish("FINISHED" if best else "FAILED")
     return summary
+
+
+def winner_checkpoint(paths: SearchPaths, best: dict, confirmation: dict | None) -> Path | None:
+    """The EMA weights of what the search chose: the confirmation winner's run on its first fresh seed
+    (found by the tags of its MLflow run), else the best trial's."""
+    if not confirmation:
+        found = paths.output / "trial_runs" / best["id"] / EMA_FILE
+        return found if found.exists() else None
+    from lsep_tune.search.confirm import ARM_TAG, ROLE_TAG, SEED_TAG
+
+    client = tracking.client(paths.mlflow_uri)
+    parent = client.get_run(paths.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and tags.`{ROLE_TAG}` = 'confirmation' "
+        f"and tags.`{ARM_TAG}` = '{confirmation['winner']}' and attributes.status = 'FINISHED'"))
+    for run in sorted(runs, key=lambda r: int(r.data.tags.get(SEED_TAG, 0))):
+        found = paths.output / "confirmation" / "trial_runs" / run.data.tags[TRIAL_ID_TAG] / EMA_FILE
+        if found.exists():
+            return found
+    return None
+
+
+def log_winner_model(paths: SearchPaths, best: dict, confirmation: dict | None, register_model: str | None) -> dict:
+    """The chosen configuration as the parent run's MLflow model; {} with a warning when it cannot be."""
+    try:
+        checkpoint = winner_checkpoint(paths, best, confirmation)
+        if checkpoint is None:
+            print("warning: no finished run of the chosen configuration left its EMA weights; no MLflow model logged")
+            return {}
+        from lsep_tune import mlflow_model  # MLflow's model API: only once a search has a winner
+
+        logged = mlflow_model.log_model(paths.mlflow_uri, paths.parent_run_id, checkpoint, register_model)
+    except Exception as err:  # tracking never stops a search: its results are on disk already
+        print(f"warning: could not log the chosen model to MLflow ({type(err).__name__}: {err})")
+        return {}
+    return {**logged, "model_checkpoint": str(checkpoint)}
 
 
 def live_table(metric_columns: dict, parameter_columns: dict, **options):

@@ -116,11 +116,15 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
 
     if previous.get("mlflow_run_id"):
         return previous["mlflow_run_id"]
+    from lsep_tune.data import identity
+
     try:
-        return tracking.create_run(
+        run_id = tracking.create_run(
             uri, cfg.flat(), {"world_size": world_size, "device": device, "output": str(output.resolve())},
             run_name=output.name, artifact_location=tracking.artifact_location_for(uri, output),
         )
+        tracking.log_dataset(uri, run_id, identity(cfg.data))
+        return run_id
     except Exception as err:  # noqa: BLE001 - any store error is a setup error here
         raise InputError("--mlflow-uri", uri, f"cannot create a run ({str(err).splitlines()[0][:200]})") from None
 
@@ -170,7 +174,7 @@ def _train_in(args: argparse.Namespace, ray_session: cli.RaySession) -> int:
     RunTracker(uri, run_id).finish("FINISHED")
     print(json.dumps({k: summary.get(k) for k in ("final_step", "final_loss", "probe_acc", "world_size", "checkpoint")}))
     print(f"summary: {output / 'summary.json'}")
-    print(f"MLflow: {ui_command(uri)}")
+    print(f"MLflow: {ui_command(uri, run_id)}")
     return 0
 
 
