@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import sys
 
-from lsep_tune.checkpoint import EMA_FILE, STATE_FILE
 from lsep_tune.errors import OneLineParser, run_cli
-from lsep_tune.sample.batch import SAMPLERS, check_out, generate_samples, write_npz
-from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED
+from lsep_tune.sample.options import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_BATCH,
+    DEFAULT_SEED,
+    EMA_FILE,
+    SAMPLER_NAMES,
+    STATE_FILE,
+)
 
 # The arguments of generate_samples as this command line spells them.
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
@@ -34,7 +39,7 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m lsep_tune.sample", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, or a checkpoint folder")
-    p.add_argument("--checkpoint-format", default="lsep_tune", choices=("lsep_tune", "lsep", "sra", "repa", "sit"),
+    p.add_argument("--checkpoint-format", default="lsep_tune", choices=CHECKPOINT_FORMATS,
                    help="layout of --checkpoint: lsep_tune's own, or a published one (converted on load)")
     p.add_argument("--model", help="published formats: model name when the file does not say (default SiT-XL/2)")
     p.add_argument("--input-size", type=int, help="published formats: latent side when the file does not say (32)")
@@ -42,7 +47,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--num-classes", type=int, help="published formats: classes when the file does not say (1000)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ode = Heun, sde = Euler-Maruyama, as published "
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ode = Heun, sde = Euler-Maruyama, as published "
                    "(ode-heun-full, sde-uniform: the earlier variants; default: checkpoint config)")
     p.add_argument("--steps", type=int, help="sampling steps (default: checkpoint config)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: checkpoint config)")
@@ -59,6 +64,8 @@ def build_parser() -> OneLineParser:
 
 def _sample(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from lsep_tune.sample.batch import check_out, generate_samples, write_npz  # torch: after the flags
+
     out = check_out(args.out)
     images, labels = generate_samples(
         args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,

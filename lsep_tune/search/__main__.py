@@ -52,10 +52,11 @@ def resolve_output(args, space_name: str) -> Path:
 def prepare(args):
     """Everything checkable is checked here, before Ray starts and before anything is written."""
     from lsep_tune import tracking
-    from lsep_tune.search.space import load_space  # config validation imports torch: after the flags
 
     cli.positive("--num-samples", args.num_samples)
     cli.positive("--max-concurrent", args.max_concurrent)
+    from lsep_tune.search.space import load_space  # config validation imports torch: after the flags
+
     space = load_space(args.space)
     if args.smoke:
         space = space.smoke()

@@ -42,13 +42,12 @@ FLAGS = {"override": "--set", "preset": "--preset", "output": "--output", "stora
 
 def resolve(args: argparse.Namespace):
     """Config, the name to blame for it, and the output folder; raises InputError on bad input."""
-    from lsep_tune.config import load_config  # the config's registries import torch: after the flags
-
     overrides = list(args.overrides)
     if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise InputError("--max-steps", args.max_steps, "expected a positive integer")
+        cli.positive("--max-steps", args.max_steps)
         overrides.append(f"run.max_steps={args.max_steps}")
+    from lsep_tune.config import load_config  # the config's registries import torch: after the flags
+
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -75,11 +74,12 @@ def prepare(args: argparse.Namespace, ray_session: cli.RaySession):
     cheap checks first, then the Ray cluster (a local Ray only once the machine can hold the run),
     then the MLflow store (which may create the output folder)."""
     from lsep_tune import tracking
-    from lsep_tune.cluster import Placement, check_storage, local_device  # torch: after the cheap checks
 
     if args.workers < 0:  # a flag's own range first: no config read for it
         raise InputError("--workers", args.workers, "expected 0 (in-process) or more")
     cfg, source, output = resolve(args)
+    from lsep_tune.cluster import Placement, check_storage, local_device  # torch: after the cheap checks
+
     cli.check_data(cfg)  # a missing or mismatched dataset: one line, before anything is created
     if cfg.run.init_from:  # a file that does not fit fails here, not on the workers
         from lsep_tune import published
