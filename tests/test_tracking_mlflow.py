@@ -79,7 +79,8 @@ def test_a_search_leaves_its_model_data_and_searched_params_where_mlflow_users_l
     (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{parent.info.run_id}'")
     assert summary["mlflow_model_uri"] == f"models:/{model.model_id}"
     assert summary["registered_model"] == "models:/digits-search/1"
-    assert client.get_model_version("digits-search", "1").model_id == model.model_id
+    version = client.get_model_version("digits-search", "1")
+    assert (version.source, version.run_id) == (f"models:/{model.model_id}", parent.info.run_id)
     assert f"MLflow model: models:/{model.model_id}, registered as models:/digits-search/1" in done.stdout
     back = mlflow_model.load_model(f"runs:/{parent.info.run_id}/model", mlflow_server.uri)
     best = yaml.safe_load((out / "best.yaml").read_text())

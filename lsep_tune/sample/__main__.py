@@ -36,9 +36,13 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "vae", "device", "address", "checkpoint_format")}
 
 
+MODEL_URIS = ("models:/", "runs:/")  # --checkpoint may name an MLflow model (lsep_tune.mlflow_model)
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m lsep_tune.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, or a checkpoint folder")
+    p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, a checkpoint folder, or an MLflow model URI "
+                        "(models:/..., runs:/RUN_ID/model; store: $MLFLOW_TRACKING_URI)")
     p.add_argument("--checkpoint-format", default="lsep_tune", choices=CHECKPOINT_FORMATS,
                    help="layout of --checkpoint: lsep_tune's own, or a published one (converted on load)")
     p.add_argument("--model", help="published formats: model name when the file does not say (default SiT-XL/2)")
@@ -67,8 +71,13 @@ def _sample(argv: list[str] | None) -> int:
     from lsep_tune.sample.batch import check_out, generate_samples, write_npz  # torch: after the flags
 
     out = check_out(args.out)
+    checkpoint = args.checkpoint
+    if checkpoint.startswith(MODEL_URIS):  # a logged MLflow model: its tracking store is $MLFLOW_TRACKING_URI
+        from lsep_tune.mlflow_model import load_model
+
+        checkpoint = load_model(checkpoint)
     images, labels = generate_samples(
-        args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+        checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         guidance_interval=args.guidance_interval, batch=args.batch, seed=args.seed, workers=args.workers,
         vae=args.vae, device=args.device, address=args.address, progress=True,
         checkpoint_format=args.checkpoint_format,
