@@ -80,7 +80,10 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
         run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
         parent_run_id=paths.parent_run_id,
     )
-    tracking.log_dataset(paths.mlflow_uri, run_id, data_identity(cfg.data))
+    try:
+        tracking.log_dataset(paths.mlflow_uri, run_id, data_identity(cfg.data))
+    except Exception as err:  # tracking never stops a search: the run goes on without its dataset input
+        print(f"warning: could not record the dataset of MLflow run {run_id} ({type(err).__name__}: {err})")
     return run_id
 
 
