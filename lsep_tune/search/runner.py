@@ -198,6 +198,11 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, regis
         {"lsep_tune.kind": "search", "space": space.source, "output": str(output)},
         run_name=parent_run_name(output), artifact_location=tracking.artifact_location_for(mlflow_uri, output),
     )
+    if not state.get("mlflow_parent_run_id"):  # the parent's Dataset column: the data every trial trains on
+        try:
+            tracking.log_dataset(mlflow_uri, parent, data_identity(space.base_config().data))
+        except Exception as err:  # tracking never stops a search
+            print(f"warning: could not record the dataset of the search's MLflow run ({type(err).__name__}: {err})")
     paths = SearchPaths(output, mlflow_uri, parent)
     state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent, optuna_storage=paths.optuna_storage,
                  study_name=STUDY_NAME, space=space.source, tune_path=str(paths.tune_root / "search"))
