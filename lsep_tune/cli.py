@@ -8,7 +8,6 @@ then `RaySession.connect`, then the work; a local Ray the session started ends w
 """
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
