@@ -22,14 +22,12 @@ from typing import Any
 
 from pydantic import Field, ValidationError, field_validator
 
-from lsep_tune import stats, tracking
-from lsep_tune.cluster import ends_local_ray
-from lsep_tune.config import explain, flatten, load_base, read_yaml, set_path, validate
+from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 from lsep_tune.schema import StrictModel
-from lsep_tune.search.confirm import Arm, Resources, bar_chart, metric_key, run_arms, values_of
-from lsep_tune.search.space import SPACES_DIR, reported_metrics
-from lsep_tune.search.trials import SearchPaths
+
+# The library half (stats: scipy; config and space: torch; confirm: Ray) is imported by the functions
+# that use it, so `python -m lsep_tune.ablate` answers --help and a bad flag before any of them loads.
 
 
 class AblationBudget(StrictModel):
@@ -62,6 +60,8 @@ class AblationSpec(StrictModel):
     @field_validator("metrics")
     @classmethod
     def _known_metrics(cls, v):
+        from lsep_tune.search.space import reported_metrics  # torch: see the note at the imports
+
         known = reported_metrics()
         unknown = [m for m in v if m not in known]
         if unknown:
@@ -70,6 +70,8 @@ class AblationSpec(StrictModel):
 
 
 def resolve_arms_file(name_or_path: str) -> Path:
+    from lsep_tune.search.space import SPACES_DIR  # torch: see the note at the imports
+
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         return path
@@ -88,6 +90,10 @@ def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | 
         raise InputError("seeds", seeds, "expected 2 or more: a confidence interval needs 2 seeds")
     if max_steps is not None and max_steps < 1:
         raise InputError("max_steps", max_steps, "expected a positive integer")
+    from lsep_tune.config import explain, flatten, load_base, read_yaml, set_path, validate  # torch: see the note at the imports
+    from lsep_tune.search.confirm import Arm
+    from lsep_tune.search.space import reported_metrics
+
     path = resolve_arms_file(name_or_path)
     source = str(path)
     raw = read_yaml(path, source, "expected a mapping with base, arms, metrics, seeds, ...", empty={})
@@ -123,6 +129,8 @@ def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | 
 
 def table_rows(values: dict[str, dict[str, list[float]]]) -> list[dict]:
     """values: {metric: {arm: per-seed values, first arm first}} -> one row per (metric, arm)."""
+    from lsep_tune import stats  # scipy: see the note at the imports
+
     rows = []
     for metric, by_arm in values.items():
         first = next(iter(by_arm))
@@ -144,6 +152,8 @@ def _fmt(v: float) -> str:
 def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], output: Path,
                  title: str = "") -> dict[str, Path]:
     """table.md, table.csv (per metric and arm), values.csv (per seed) and bars.png."""
+    from lsep_tune.search.confirm import bar_chart  # Ray: see the note at the imports
+
     output.mkdir(parents=True, exist_ok=True)
     rows = table_rows(values)
     with open(output / "table.csv", "w", newline="") as f:
@@ -180,6 +190,11 @@ def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], ou
 
 def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: str, name: str) -> dict:
     """Train arms x seeds (Ray must be connected), write the tables, log everything to MLflow."""
+    from lsep_tune import tracking
+    from lsep_tune.config import flatten  # torch and Ray: see the note at the imports
+    from lsep_tune.search.confirm import Resources, metric_key, run_arms, values_of
+    from lsep_tune.search.trials import SearchPaths
+
     started = time.time()
     output = output.resolve()
     output.mkdir(parents=True, exist_ok=True)  # the default MLflow store lies in it
@@ -228,9 +243,9 @@ def build_parser() -> OneLineParser:
                                                     "search_spaces/ablation-digits.yaml)")
     p.add_argument("--seeds", type=int, help="seeds per arm (overrides the file's seeds)")
     p.add_argument("--max-steps", type=int, help="training steps of every arm (overrides run.max_steps)")
-    p.add_argument("--output", help="output folder (default: runs/ablation-<name>-<time>)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
-    p.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    cli.add_output(p, "output folder (default: runs/ablation-<name>-<time>)")
+    cli.add_mlflow_uri(p)
+    cli.add_address(p)
     return p
 
 
@@ -242,51 +257,41 @@ FLAGS = {"arms": "--arms", "seeds": "--seeds", "max_steps": "--max-steps", "outp
 def prepare(args):
     """Everything checkable, before Ray starts and before anything is written."""
     from lsep_tune import tracking
-    from lsep_tune.cluster import check_trial_fits, local_ray_cpus, machine_resources, ray_address
-    from lsep_tune.data import check_available
-    from lsep_tune.files import require_writable_dir
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
     for arm in arms:  # a missing or mismatched dataset, before any run
-        check_available(arm.config.data, cfg=arm.config)
+        cli.check_data(arm.config)
     # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
-    local_cpus = local_ray_cpus(spec.budget)
-    if not ray_address(args.address):
-        check_trial_fits(spec.budget, source, machine_resources(), "this machine")
+    cli.check_trial_fits_here(spec.budget, source, args.address)
     name = Path(source).stem.removeprefix("ablation-")
-    output = Path(args.output) if args.output else Path("runs") / f"ablation-{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = Path(args.output) if args.output else cli.default_run_folder(f"ablation-{name}")
     if (output / "summary.json").exists():
         raise InputError("output", output, "holds an ablation already; choose another folder")
     if args.mlflow_uri:  # the default store lies in the output folder, made once the run starts
-        problem = tracking.check_uri(args.mlflow_uri)
-        if problem:
-            raise InputError("mlflow_uri", args.mlflow_uri, problem)
-    require_writable_dir(output, "output")
+        cli.check_mlflow(args.mlflow_uri)
+    cli.check_output(output)
     uri = args.mlflow_uri or tracking.default_uri(output)
-    return spec, arms, source, name, output, uri, local_cpus
+    return spec, arms, source, name, output, uri
 
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _ablate(build_parser().parse_args(argv)), FLAGS)
 
 
-@ends_local_ray
 def _ablate(args: argparse.Namespace) -> int:
-    import ray
+    spec, arms, source, name, output, uri = prepare(args)
+    with cli.RaySession() as ray_session:
+        from lsep_tune.cluster import local_ray_cpus  # torch and Ray: only once the request passed its checks
+        from lsep_tune.tracking import ui_command
 
-    from lsep_tune.cluster import check_trial_fits, connect_ray
-    from lsep_tune.tracking import ui_command
-
-    spec, arms, source, name, output, uri, local_cpus = prepare(args)
-    args.started_ray = connect_ray(args.address, num_cpus=local_cpus)
-    check_trial_fits(spec.budget, source, ray.cluster_resources(), "the cluster")
-    summary = run_ablation(spec, arms, output, uri, name)
-    print((output / "table.md").read_text())
-    print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
-          f"{summary['wall_time_s']:.0f} s")
-    print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; chart: {output / 'bars.png'}")
-    print(f"MLflow: {ui_command(uri)}")
-    return 0 if summary["failed_runs"] < len(arms) * len(summary["seeds"]) else 1
+        ray_session.connect(args.address, num_cpus=local_ray_cpus(spec.budget), budget=spec.budget, source=source)
+        summary = run_ablation(spec, arms, output, uri, name)
+        print((output / "table.md").read_text())
+        print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
+              f"{summary['wall_time_s']:.0f} s")
+        print(f"tables: {output / 'table.md'}, {output / 'table.csv'}; chart: {output / 'bars.png'}")
+        print(f"MLflow: {ui_command(uri, summary['mlflow_parent_run_id'])}")
+        return 0 if summary["failed_runs"] < len(arms) * len(summary["seeds"]) else 1
 
 
 if __name__ == "__main__":

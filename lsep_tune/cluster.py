@@ -8,7 +8,6 @@ started it. Errors name neutral fields (``workers``, ``address``, ``storage``); 
 """
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -139,23 +138,6 @@ def connect_ray(address: str | None, placement: Placement | None = None, *, num_
             ray.shutdown()
             raise
     return True
-
-
-def ends_local_ray(command):
-    """Decorate a CLI body taking parsed args: a local Ray it started (args.started_ray) ends with it."""
-
-    @functools.wraps(command)
-    def wrapper(args):
-        args.started_ray = False
-        try:
-            return command(args)
-        finally:
-            if args.started_ray:
-                import ray
-
-                ray.shutdown()
-
-    return wrapper
 
 
 def check_storage(storage: str) -> None:

@@ -18,6 +18,7 @@ from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.models.sit import model_names, parse_model_name
 from lsep_tune.objectives import REGULARIZERS
+from lsep_tune.presets import preset_names
 from lsep_tune.sample.solvers import SOLVERS
 from lsep_tune.schema import FieldError, StrictModel, known
 
@@ -255,10 +256,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key, value
-
-
-def preset_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("lsep_tune.presets").iterdir() if p.name.endswith(".yaml"))
 
 
 def read_yaml(path: str | Path, source: str, expected: str, error: type[InputError] = InputError,

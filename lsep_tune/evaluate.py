@@ -11,18 +11,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 
-from lsep_tune.evaluation import (
-    DEFAULT_METRICS,
-    compute_metrics,
-    default_cache_dir,
-    default_extractor,
-    load_samples_npz,
-    parse_metrics,
-)
 from lsep_tune.errors import OneLineParser, run_cli
-from lsep_tune.evaluation.extractors import SUPPORTED, check_extractor_name
+
+# The evaluation package loads torch and torch-fidelity, so --help and a bad flag use these mirrors of
+# its names (tests/test_startup.py checks that they agree): evaluation.DEFAULT_METRICS,
+# evaluation.extractors.SUPPORTED and evaluation.default_cache_dir().
+DEFAULT_METRICS = ("fid", "isc")
+SUPPORTED = ("digits", "inception-v3-compat")
+DEFAULT_CACHE_DIR = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+                                 "lsep_tune", "reference_stats")
 
 # How API argument names read on the command line, so messages name what the user typed.
 FLAGS = {"metrics": "--metrics", "extractor": "--extractor", "extractor_weights": "--extractor-weights"}
@@ -35,7 +35,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated subset of fid,isc,kid,prc")
     p.add_argument("--extractor", default=None, help=f"one of {', '.join(SUPPORTED)} (default: by image size)")
     p.add_argument("--extractor-weights", default=None, help="local state dict for the extractor (torch.save)")
-    p.add_argument("--cache-dir", default=None, help=f"reference statistics cache (default {default_cache_dir()})")
+    p.add_argument("--cache-dir", default=None, help=f"reference statistics cache (default {DEFAULT_CACHE_DIR})")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return p
 
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _evaluate(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from lsep_tune.evaluation import compute_metrics, default_extractor, load_samples_npz, parse_metrics  # torch-fidelity: after the flags
+    from lsep_tune.evaluation.extractors import check_extractor_name
+
     metrics = parse_metrics(args.metrics)
     if args.extractor is not None:
         check_extractor_name(args.extractor)

@@ -337,13 +337,13 @@ def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]
     return root, out, class_map, items
 
 
-def run(args) -> dict:
-    """Encode every pending shard and write manifest.json; returns the manifest."""
+def run(args, ray_session) -> dict:
+    """Encode every pending shard and write manifest.json; returns the manifest. Ray is joined
+    through `ray_session` (a cli.RaySession) only when some shard is left to encode."""
     import ray
     from tqdm import tqdm
 
     from lsep_tune import vae as vae_mod  # torch: kept off the command's start-up
-    from lsep_tune.cluster import connect_ray  # torch: kept off the command's start-up
     from lsep_tune.data.latents import FORMAT  # torch: kept off the command's start-up
 
     root, out, class_map, items = check_args(args)
@@ -369,7 +369,7 @@ def run(args) -> dict:
           f"{len(shards) - len(pending)} already done, {todo} images to encode", flush=True)
 
     if pending:
-        args.started_ray = connect_ray(args.address)
+        ray_session.connect(args.address)
         gpus = args.gpus_per_worker
         if gpus is None:
             gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -405,10 +405,11 @@ FLAGS = {"vae": "--vae", "encoder": "--encoder", "address": "--address"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    from lsep_tune.cluster import ends_local_ray  # torch: kept off the command's start-up
-    @ends_local_ray
+    from lsep_tune.cli import RaySession
+
     def body(args):
-        run(args)
+        with RaySession() as ray_session:
+            run(args, ray_session)
         return 0
 
     def command() -> int:

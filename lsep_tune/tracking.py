@@ -26,10 +26,43 @@ def default_uri(output_dir: str | Path) -> str:
     return f"sqlite:///{Path(output_dir).resolve() / 'mlflow.db'}"
 
 
-def ui_command(uri: str) -> str:
+# `mlflow ui` serves here by default; MLflow 3 opens an experiment on its GenAI overview unless the
+# page is asked for the runs tab of the machine-learning view (routes of MLflow 3.17's UI).
+LOCAL_UI = "http://127.0.0.1:5000"
+RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def runs_url(server: str, experiment_id: str) -> str:
+    """The page that opens `experiment_id` on its runs table."""
+    return f"{server.rstrip('/')}/{RUNS_VIEW.format(experiment_id=experiment_id)}"
+
+
+def experiment_of(uri: str, run_id: str | None) -> str | None:
+    """The experiment id of `run_id`, or None when it cannot be read (the link then opens the home page)."""
+    if not run_id:
+        return None
+    try:
+        return client(uri).get_run(run_id).info.experiment_id
+    except Exception:  # noqa: BLE001 - a link is a convenience; the store's own errors surface elsewhere
+        return None
+
+
+def runs_page(uri: str, run_id: str | None) -> str | None:
+    """The address of the runs table of `run_id`'s experiment (for a local store, as `mlflow ui`
+    serves it by default); None when the experiment cannot be read."""
+    experiment = experiment_of(uri, run_id)
+    if experiment is None:
+        return None
+    return runs_url(uri if uri.startswith(("http://", "https://")) else LOCAL_UI, experiment)
+
+
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """What to run or open to see the runs: with `run_id`, the address of its experiment's runs table."""
+    page = runs_page(uri, run_id)
     if uri.startswith(("http://", "https://")):
-        return f"open {uri} in a browser"
-    return f"mlflow ui --backend-store-uri {uri}"
+        return f"open {page or uri} in a browser"
+    command = f"mlflow ui --backend-store-uri {uri}"
+    return f"{command}, then open {page}" if page else command
 
 
 def check_uri(uri: str, timeout: float = 5.0) -> str | None:
@@ -102,6 +135,18 @@ def create_run(uri: str, params: dict, tags: dict, run_name: str, experiment: st
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
         c.log_batch(run.info.run_id, params=items[i : i + 100])
     return run.info.run_id
+
+
+def log_dataset(uri: str, run_id: str, data, context: str = "train") -> None:
+    """Record the run's training data (a data.DataIdentity) as an MLflow dataset input: its name,
+    source and digest show in the runs table's Dataset column and on the run's page."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.entities import DatasetInput, InputTag
+
+    dataset = MetaDataset(resolve_dataset_source(data.source), name=data.name, digest=data.digest)
+    tags = [InputTag("mlflow.data.context", context), InputTag("lsep_tune.num_samples", str(data.num_samples))]
+    client(uri).log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags)])
 
 
 class RunTracker:

@@ -21,9 +21,10 @@ FLOORS: list[tuple[str, tuple[str, ...]]] = [
                "lsep_tune.sample.grid")),
     ("config", ("lsep_tune.config",)),
     ("checkpoints", ("lsep_tune.checkpoint",)),
-    ("training and sampling", ("lsep_tune.train", "lsep_tune.sample.batch")),
+    ("training and sampling", ("lsep_tune.train", "lsep_tune.sample.batch", "lsep_tune.mlflow_model",
+                               "lsep_tune.mlflow_model_code")),
     ("search, confirmation, ablation, benchmarks", ("lsep_tune.search", "lsep_tune.ablate", "lsep_tune.bench",
-                                                    "lsep_tune.clusters")),
+                                                    "lsep_tune.clusters", "lsep_tune.cli")),
     ("command lines", ("*.__main__", "lsep_tune.preprocess", "lsep_tune.evaluate",
                        "lsep_tune.evaluation.train_digits_extractor")),
 ]
@@ -71,9 +72,10 @@ def floor_of(module: str, floors=FLOORS) -> int | None:
     if module.rsplit(".", 1)[-1] == "__main__":
         return next(i for i, (_, names) in enumerate(floors) if "*.__main__" in names)
     best, level = -1, None
+    root = floors[0][1][0]  # the package itself: its own __init__ only, never a floor by default
     for i, (_, names) in enumerate(floors):
         for n in names:
-            if (module == n or module.startswith(n + ".")) and len(n) > best:
+            if (module == n or (n != root and module.startswith(n + "."))) and len(n) > best:
                 best, level = len(n), i
     return level
 
@@ -170,6 +172,7 @@ def test_the_checks_see_circles_and_upward_imports_inside_functions(tmp_path):
     assert ("toy.low.a", "toy.low.b", True) in edges
     assert cycles(edges) == [["toy.low.a", "toy.low.b", "toy.low.a"]]
     floors = [("low", ("toy", "toy.low")), ("top", ("toy.top",))]
+    assert floor_of("toy.elsewhere", floors) is None  # the package's name places its __init__ alone
     assert upward(edges, floors) == ["toy.low.b (low) imports toy.top (top) inside a function"]
     (pkg / "low" / "a.py").write_text("def f():\n    return 1\n")
     assert cycles(imports(tmp_path, "toy")) == []

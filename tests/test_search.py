@@ -80,7 +80,9 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     assert trials[1e-8]["status"] == "stopped" and trials[1e-8]["step"] < 40
     assert {trials[2e-3]["status"], trials[1e-3]["status"]} <= {"completed", "stopped"}
     assert summary["best_params"]["optim.lr"] in (2e-3, 1e-3)
-    assert f"open {mlflow_server.uri} in a browser" in printed
+    # the printed line opens the experiment on its runs table (MLflow 3 would open on its GenAI overview)
+    assert summary["mlflow_runs_url"].startswith(f"{mlflow_server.uri}/#/experiments/")
+    assert f"open {summary['mlflow_runs_url']} in a browser" in printed
     assert "best flow_loss" in printed
 
     # One parent run, one nested child run per trial, with the trial's params and curves.

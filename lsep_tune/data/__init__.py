@@ -6,7 +6,7 @@ To add a dataset: write one module with a `base.DataSource` subclass, then add o
 """
 from __future__ import annotations
 
-from lsep_tune.data.base import DataSource
+from lsep_tune.data.base import DataIdentity, DataSource
 from lsep_tune.data.digits import Digits
 from lsep_tune.data.images import Images
 from lsep_tune.data.latents import Latents
@@ -25,4 +25,9 @@ def check_available(data_cfg, cfg=None) -> None:
     DATASETS[data_cfg.kind].check_available(data_cfg, cfg)
 
 
-__all__ = ["DATASETS", "DataSource", "check_available"]
+def identity(data_cfg) -> DataIdentity:
+    """What a run of this data trains on (name, source, digest), for its MLflow dataset input."""
+    return DATASETS[data_cfg.kind].identity(data_cfg)
+
+
+__all__ = ["DATASETS", "DataIdentity", "DataSource", "check_available", "identity"]

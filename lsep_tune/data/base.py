@@ -5,8 +5,21 @@ The config, the pre-flight check and the training loop ask the registry, never t
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class DataIdentity:
+    """What a run trained on, as MLflow records a dataset input: a name, where it is read from, a
+    digest that changes when the data does, and how many samples it holds."""
+
+    name: str
+    source: str  # a local path (or URI) of what is read
+    digest: str  # hex, from the data's own record (manifest, file listing, the split's arrays)
+    num_samples: int
 
 
 class DataSource:
@@ -23,6 +36,11 @@ class DataSource:
     @classmethod
     def check_available(cls, data_cfg, cfg=None) -> None:
         """Before Ray, MLflow or any output folder starts: the data is there and fits `cfg` (InputError)."""
+
+    @classmethod
+    def identity(cls, data_cfg) -> DataIdentity:
+        """The training split's name, source and digest, for the run's MLflow dataset input."""
+        raise NotImplementedError
 
     @classmethod
     def load(cls, data_cfg, split: str, features: bool, image_size: int | None):

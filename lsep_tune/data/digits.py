@@ -5,10 +5,13 @@ a tiny SiT with patch size 1 sees an 8x8 token grid on a CPU. The split is deter
 """
 from __future__ import annotations
 
+import hashlib
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from lsep_tune.data.base import ArrayDataset, DataSource
+from lsep_tune.data.base import ArrayDataset, DataIdentity, DataSource
 from lsep_tune.schema import FieldError
 
 NUM_CLASSES = 10
@@ -63,6 +66,17 @@ class Digits(DataSource):
         got = (cfg.model.input_size, cfg.model.in_channels, cfg.model.num_classes)
         if got != expected:
             raise FieldError("model", f"digits data needs input_size/in_channels/num_classes = {expected}, got {got}")
+
+    @classmethod
+    def identity(cls, data_cfg) -> DataIdentity:
+        """The train split as trained on: its digest covers the split's pixels and labels."""
+        import sklearn.datasets
+
+        images, labels = load_digits_split("train")
+        digest = hashlib.sha256(images.numpy().tobytes() + labels.numpy().tobytes()).hexdigest()
+        source = Path(sklearn.datasets.__file__).parent / "data" / "digits.csv.gz"  # what load_digits reads
+        return DataIdentity(f"digits-train (split seed {SPLIT_SEED}, {1 - HELDOUT_FRACTION:.0%})", str(source),
+                            digest[:16], len(labels))
 
     @classmethod
     def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> ArrayDataset:

@@ -6,12 +6,13 @@ decoded on every read, so this suits small sets; large ones belong in `lsep_tune
 """
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lsep_tune.data.base import DataSource
+from lsep_tune.data.base import DataIdentity, DataSource
 from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
@@ -93,6 +94,16 @@ class Images(DataSource):
     @classmethod
     def check_available(cls, data_cfg, cfg=None) -> None:
         check_image_folder(data_cfg.path, cfg)
+
+    @classmethod
+    def identity(cls, data_cfg) -> DataIdentity:
+        """The folder's listing as read: every image's path, label and size in bytes."""
+        root = Path(data_cfg.path).resolve()
+        _, items = check_image_folder(root)
+        h = hashlib.sha256()
+        for rel, label in items:
+            h.update(f"{rel}\t{label}\t{(root / rel).stat().st_size}\n".encode())
+        return DataIdentity(root.name, str(root), h.hexdigest()[:16], len(items))
 
     @classmethod
     def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> ImageFolder:

@@ -9,13 +9,14 @@ the same with 1 or 8 workers, and replayed exactly on resume.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from lsep_tune.data.base import DataSource
+from lsep_tune.data.base import DataIdentity, DataSource
 from lsep_tune.errors import InputError
 from lsep_tune.objectives.randomness import Draws
 
@@ -146,6 +147,14 @@ class Latents(DataSource):
         manifest = read_manifest(data_cfg.path)
         if cfg is not None:
             check_fits(manifest, data_cfg.path, cfg)
+
+    @classmethod
+    def identity(cls, data_cfg) -> DataIdentity:
+        """The manifest names every shard with its files' sha256: its own digest stands for the data."""
+        root = Path(data_cfg.path).resolve()
+        manifest = read_manifest(root)
+        digest = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+        return DataIdentity(root.name, str(root), digest[:16], int(manifest["num_images"]))
 
     @classmethod
     def load(cls, data_cfg, split: str, features: bool, image_size: int | None) -> LatentShards:

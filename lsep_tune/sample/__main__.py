@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import sys
 
-from lsep_tune.checkpoint import EMA_FILE, STATE_FILE
 from lsep_tune.errors import OneLineParser, run_cli
-from lsep_tune.sample.batch import SAMPLERS, check_out, generate_samples, write_npz
-from lsep_tune.sample.generate import DEFAULT_BATCH, DEFAULT_SEED
+from lsep_tune.sample.options import (
+    CHECKPOINT_FORMATS,
+    DEFAULT_BATCH,
+    DEFAULT_SEED,
+    EMA_FILE,
+    SAMPLER_NAMES,
+    STATE_FILE,
+)
 
 # The arguments of generate_samples as this command line spells them.
 FLAGS = {name: "--" + name.replace("_", "-") for name in (
@@ -31,10 +36,14 @@ FLAGS = {name: "--" + name.replace("_", "-") for name in (
     "vae", "device", "address", "checkpoint_format")}
 
 
+MODEL_URIS = ("models:/", "runs:/")  # --checkpoint may name an MLflow model (lsep_tune.mlflow_model)
+
+
 def build_parser() -> OneLineParser:
     p = OneLineParser(prog="python -m lsep_tune.sample", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, or a checkpoint folder")
-    p.add_argument("--checkpoint-format", default="lsep_tune", choices=("lsep_tune", "lsep", "sra", "repa", "sit"),
+    p.add_argument("--checkpoint", required=True, help=f"{EMA_FILE}, a {STATE_FILE}, a checkpoint folder, or an MLflow model URI "
+                        "(models:/..., runs:/RUN_ID/model; store: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--checkpoint-format", default="lsep_tune", choices=CHECKPOINT_FORMATS,
                    help="layout of --checkpoint: lsep_tune's own, or a published one (converted on load)")
     p.add_argument("--model", help="published formats: model name when the file does not say (default SiT-XL/2)")
     p.add_argument("--input-size", type=int, help="published formats: latent side when the file does not say (32)")
@@ -42,7 +51,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--num-classes", type=int, help="published formats: classes when the file does not say (1000)")
     p.add_argument("--num", type=int, required=True, help="number of samples")
     p.add_argument("--out", required=True, help="output .npz (arr_0 uint8 NHWC, arr_1 labels)")
-    p.add_argument("--sampler", choices=tuple(SAMPLERS), help="ode = Heun, sde = Euler-Maruyama, as published "
+    p.add_argument("--sampler", choices=SAMPLER_NAMES, help="ode = Heun, sde = Euler-Maruyama, as published "
                    "(ode-heun-full, sde-uniform: the earlier variants; default: checkpoint config)")
     p.add_argument("--steps", type=int, help="sampling steps (default: checkpoint config)")
     p.add_argument("--cfg-scale", type=float, help="classifier-free guidance scale (default: checkpoint config)")
@@ -59,9 +68,16 @@ def build_parser() -> OneLineParser:
 
 def _sample(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    from lsep_tune.sample.batch import check_out, generate_samples, write_npz  # torch: after the flags
+
     out = check_out(args.out)
+    checkpoint = args.checkpoint
+    if checkpoint.startswith(MODEL_URIS):  # a logged MLflow model: its tracking store is $MLFLOW_TRACKING_URI
+        from lsep_tune.mlflow_model import load_model
+
+        checkpoint = load_model(checkpoint)
     images, labels = generate_samples(
-        args.checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
+        checkpoint, args.num, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg_scale,
         guidance_interval=args.guidance_interval, batch=args.batch, seed=args.seed, workers=args.workers,
         vae=args.vae, device=args.device, address=args.address, progress=True,
         checkpoint_format=args.checkpoint_format,

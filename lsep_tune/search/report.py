@@ -154,6 +154,10 @@ def print_summary(summary: dict, output: Path, ui_command: str) -> None:
                 print(f"best.yaml holds the baseline ({confirmation['configs'][0]['origin']})"
                       + (", which is also the search's best trial" if same else ", not the search's best trial"))
         print(f"best config: {summary['best_yaml']}  (rerun: python -m lsep_tune.train --config {summary['best_yaml']})")
+        if summary.get("mlflow_model_uri"):
+            registered = f", registered as {summary['registered_model']}" if summary.get("registered_model") else ""
+            print(f"MLflow model: {summary['mlflow_model_uri']}{registered}  (its EMA weights and config; "
+                  "lsep_tune.mlflow_model.load_model(URI) reads it back)")
     else:
         print("no trial finished with a metric")
     proxy = summary.get("proxy_validity")

@@ -20,13 +20,15 @@ from pathlib import Path
 import yaml
 
 from lsep_tune import tracking
+from lsep_tune.checkpoint import EMA_FILE
 from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
+from lsep_tune.data import identity as data_identity
 from lsep_tune.search import report
-from lsep_tune.search.confirm import confirm_search
+from lsep_tune.search.confirm import ARM_TAG, ROLE_TAG, SEED_TAG, confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
-from lsep_tune.search.trials import SearchPaths, TrialRuns, end_unfinished_runs, live_table, trial_main
+from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, trial_main
 
 
 @contextlib.contextmanager
@@ -50,9 +52,11 @@ def study_name_for(output: Path, optuna_storage: str | None) -> str:
     return STUDY_NAME if optuna_storage is None else f"{parent_run_name(output)}-{uuid.uuid4().hex[:8]}"
 
 
-def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optuna_storage: str | None = None, *,
-               resources=None, callbacks: tuple = ()) -> dict:
-    """Run (or resume) the search; Ray must already be connected. Returns the summary.
+def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optuna_storage: str | None = None,
+               register_model: str | None = None, *, resources=None, callbacks: tuple = ()) -> dict:
+    """Run (or resume) the search; Ray must already be connected. Returns the summary. The confirmed
+    winner (the best trial without a confirmation) becomes the parent run's MLflow model, registered
+    as `register_model` when given.
     `optuna_storage`: the study's database URL (default: optuna.db in `output`).
     `resources` (what each trial asks of Ray, default `trial_resources(space.budget)`) and extra Tune
     `callbacks` let `bench cluster` run this same search on simulated GPU slots and time it."""
@@ -75,6 +79,11 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
          "optuna_storage": masked(storage), "optuna_study": study_name},
         run_name=parent_run_name(output), artifact_location=tracking.artifact_location_for(mlflow_uri, output),
     )
+    if not state.get("mlflow_parent_run_id"):  # the parent's Dataset column: the data every trial trains on
+        try:
+            tracking.log_dataset(mlflow_uri, parent, data_identity(space.base_config().data))
+        except Exception as err:  # tracking never stops a search
+            print(f"warning: could not record the dataset of the search's MLflow run ({type(err).__name__}: {err})")
     paths = SearchPaths(output, mlflow_uri, parent, storage, study_name)
     state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent,
                  optuna_storage=without_password(storage),
@@ -135,12 +144,49 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
         parent_tracker.set_tags({"best_trial": best["id"]})
     for plot in report.optuna_plots(study, space, output / "plots"):
         parent_tracker.log_artifact(plot, "plots")
+    if best:
+        summary.update(log_winner_model(paths, best, confirmation, register_model))
+    summary["mlflow_runs_url"] = tracking.runs_page(mlflow_uri, parent)
     state["wall_time_s"] = summary["wall_time_s"]
     state_file.write_text(json.dumps(state, indent=2) + "\n")
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     parent_tracker.log_artifact(output / "summary.json")
     parent_tracker.finish("FINISHED" if best else "FAILED")
     return summary
+
+
+def winner_checkpoint(paths: SearchPaths, best: dict, confirmation: dict | None) -> Path | None:
+    """The EMA weights of what the search chose: the confirmation winner's run on its first fresh seed
+    (found by the tags of its MLflow run), else the best trial's."""
+    if not confirmation:
+        found = paths.output / "trial_runs" / best["id"] / EMA_FILE
+        return found if found.exists() else None
+    client = tracking.client(paths.mlflow_uri)
+    parent = client.get_run(paths.parent_run_id)
+    runs = client.search_runs([parent.info.experiment_id], filter_string=(
+        f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and tags.`{ROLE_TAG}` = 'confirmation' "
+        f"and tags.`{ARM_TAG}` = '{confirmation['winner']}' and attributes.status = 'FINISHED'"))
+    for run in sorted(runs, key=lambda r: int(r.data.tags.get(SEED_TAG, 0))):
+        found = paths.output / "confirmation" / "trial_runs" / run.data.tags[TRIAL_ID_TAG] / EMA_FILE
+        if found.exists():
+            return found
+    return None
+
+
+def log_winner_model(paths: SearchPaths, best: dict, confirmation: dict | None, register_model: str | None) -> dict:
+    """The chosen configuration as the parent run's MLflow model; {} with a warning when it cannot be."""
+    try:
+        checkpoint = winner_checkpoint(paths, best, confirmation)
+        if checkpoint is None:
+            print("warning: no finished run of the chosen configuration left its EMA weights; no MLflow model logged")
+            return {}
+        from lsep_tune import mlflow_model  # MLflow's model API: only once a search has a winner
+
+        logged = mlflow_model.log_model(paths.mlflow_uri, paths.parent_run_id, checkpoint, register_model)
+    except Exception as err:  # tracking never stops a search: its results are on disk already
+        print(f"warning: could not log the chosen model to MLflow ({type(err).__name__}: {err})")
+        return {}
+    return {**logged, "model_checkpoint": str(checkpoint)}
 
 
 def progress_table(space):

@@ -16,6 +16,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from lsep_tune import tracking
 from lsep_tune.cluster import Placement
+from lsep_tune.data import identity as data_identity
 from lsep_tune.search.searcher import STUDY_NAME
 from lsep_tune.search.storage import default_storage
 from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
@@ -71,11 +72,16 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
     if found:
         return found.info.run_id
     parent = client.get_run(paths.parent_run_id)
-    return tracking.create_run(
+    run_id = tracking.create_run(
         paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
         run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
         parent_run_id=paths.parent_run_id,
     )
+    try:
+        tracking.log_dataset(paths.mlflow_uri, run_id, data_identity(cfg.data))
+    except Exception as err:  # tracking never stops a search: the run goes on without its dataset input
+        print(f"warning: could not record the dataset of MLflow run {run_id} ({type(err).__name__}: {err})")
+    return run_id
 
 
 def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:

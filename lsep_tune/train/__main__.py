@@ -4,14 +4,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from lsep_tune.cluster import Placement, check_storage, connect_ray, ends_local_ray, local_device
-from lsep_tune.config import load_config, preset_names
-from lsep_tune.data import check_available
+from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
-from lsep_tune.files import require_writable_dir
+from lsep_tune.presets import preset_names
 
 
 def build_parser() -> OneLineParser:
@@ -22,7 +19,7 @@ def build_parser() -> OneLineParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set objective.lsep.uncond_prob=0.8 (repeatable)")
     p.add_argument("--max-steps", type=int, help="shorthand for --set run.max_steps=N")
-    p.add_argument("--output", help="run folder (default: runs/<name>-<time>)")
+    cli.add_output(p, "run folder (default: runs/<name>-<time>)")
     p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its latest checkpoint")
     p.add_argument("--device", help="torch device for the in-process run (default: cuda if available)")
     dist = p.add_argument_group("Ray Train")
@@ -32,8 +29,8 @@ def build_parser() -> OneLineParser:
     dist.add_argument("--storage", help="checkpoint storage: a folder, NFS path or s3:// / gs:// URI "
                                         "(default: OUTPUT/ray)")
     dist.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
-    dist.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--mlflow-uri", help="MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)")
+    cli.add_address(dist)
+    cli.add_mlflow_uri(p)
     return p
 
 
@@ -47,9 +44,10 @@ def resolve(args: argparse.Namespace):
     """Config, the name to blame for it, and the output folder; raises InputError on bad input."""
     overrides = list(args.overrides)
     if args.max_steps is not None:
-        if args.max_steps < 1:
-            raise InputError("--max-steps", args.max_steps, "expected a positive integer")
+        cli.positive("--max-steps", args.max_steps)
         overrides.append(f"run.max_steps={args.max_steps}")
+    from lsep_tune.config import load_config  # the config's registries import torch: after the flags
+
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").exists():
@@ -67,25 +65,27 @@ def resolve(args: argparse.Namespace):
         raise InputError("command line", "config", "give only one of --preset and --config")
     cfg = load_config(args.preset, args.config, overrides, overrides_name="--set")
     name = args.preset or Path(args.config).stem
-    output = Path(args.output) if args.output else Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    output = Path(args.output) if args.output else cli.default_run_folder(name)
     return cfg, f"preset {args.preset}" if args.preset else str(args.config), output
 
 
-def prepare(args: argparse.Namespace):
+def prepare(args: argparse.Namespace, ray_session: cli.RaySession):
     """Everything that can be wrong with the request fails here, before anything is written or started:
     cheap checks first, then the Ray cluster (a local Ray only once the machine can hold the run),
     then the MLflow store (which may create the output folder)."""
     from lsep_tune import tracking
 
+    if args.workers < 0:  # a flag's own range first: no config read for it
+        raise InputError("--workers", args.workers, "expected 0 (in-process) or more")
     cfg, source, output = resolve(args)
-    check_available(cfg.data, cfg=cfg)  # a missing or mismatched dataset: one line, before anything is created
+    from lsep_tune.cluster import Placement, check_storage, local_device  # torch: after the cheap checks
+
+    cli.check_data(cfg)  # a missing or mismatched dataset: one line, before anything is created
     if cfg.run.init_from:  # a file that does not fit fails here, not on the workers
         from lsep_tune import published
 
         published.load(cfg.run.init_from, cfg.run.init_format, cfg.model.model_dump(), source="run.init_from")
-    require_writable_dir(output, "output")
-    if args.workers < 0:
-        raise InputError("--workers", args.workers, "expected 0 (in-process) or more")
+    cli.check_output(output)
     if args.workers == 0:
         local_device(args.device)
     run_file = output / "run.json"
@@ -95,7 +95,7 @@ def prepare(args: argparse.Namespace):
     # check may create, so that waits until Ray has accepted the run.
     given = uri != tracking.default_uri(output)
     if given:
-        check_mlflow(uri)
+        cli.check_mlflow(uri, "--mlflow-uri")
     placement = paths = None
     if args.workers > 0:
         from lsep_tune.train.distributed import RunPaths
@@ -103,20 +103,12 @@ def prepare(args: argparse.Namespace):
         storage = args.storage or previous.get("storage") or str((output / "ray").resolve())
         check_storage(storage)
         placement = Placement(args.workers, args.gpus_per_worker, args.cpus_per_worker, args.max_failures)
-        args.started_ray = connect_ray(args.address, placement)
+        ray_session.connect(args.address, placement)
         paths = RunPaths(output=str(output.resolve()), storage=storage, name=previous.get("name", "train"),
                          mlflow_uri=uri, resume=bool(args.resume))
     if not given:
-        check_mlflow(uri)
+        cli.check_mlflow(uri, "--mlflow-uri")
     return cfg, output, uri, previous, placement, paths
-
-
-def check_mlflow(uri: str) -> None:
-    from lsep_tune import tracking
-
-    problem = tracking.check_uri(uri)
-    if problem:
-        raise InputError("--mlflow-uri", uri, problem)
 
 
 def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int, device: str) -> str:
@@ -124,11 +116,15 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
 
     if previous.get("mlflow_run_id"):
         return previous["mlflow_run_id"]
+    from lsep_tune.data import identity
+
     try:
-        return tracking.create_run(
+        run_id = tracking.create_run(
             uri, cfg.flat(), {"world_size": world_size, "device": device, "output": str(output.resolve())},
             run_name=output.name, artifact_location=tracking.artifact_location_for(uri, output),
         )
+        tracking.log_dataset(uri, run_id, identity(cfg.data))
+        return run_id
     except Exception as err:  # noqa: BLE001 - any store error is a setup error here
         raise InputError("--mlflow-uri", uri, f"cannot create a run ({str(err).splitlines()[0][:200]})") from None
 
@@ -138,14 +134,20 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def requested_device(args: argparse.Namespace, placement) -> str:
+    from lsep_tune.cluster import local_device
+
     if placement is not None:
         return "cuda" if placement.gpus_per_worker else "cpu"
     return str(local_device(args.device))
 
 
-@ends_local_ray
 def _train(args: argparse.Namespace) -> int:
-    cfg, output, uri, previous, placement, paths = prepare(args)
+    with cli.RaySession() as ray_session:
+        return _train_in(args, ray_session)
+
+
+def _train_in(args: argparse.Namespace, ray_session: cli.RaySession) -> int:
+    cfg, output, uri, previous, placement, paths = prepare(args, ray_session)
     world = placement.workers if placement else 1
     run_id = start_tracking(cfg, output, uri, previous, world, requested_device(args, placement))
     output.mkdir(parents=True, exist_ok=True)
@@ -172,7 +174,7 @@ def _train(args: argparse.Namespace) -> int:
     RunTracker(uri, run_id).finish("FINISHED")
     print(json.dumps({k: summary.get(k) for k in ("final_step", "final_loss", "probe_acc", "world_size", "checkpoint")}))
     print(f"summary: {output / 'summary.json'}")
-    print(f"MLflow: {ui_command(uri)}")
+    print(f"MLflow: {ui_command(uri, run_id)}")
     return 0
 
 
