@@ -123,10 +123,14 @@ def start_tracking(cfg, output: Path, uri: str, previous: dict, world_size: int,
             uri, cfg.flat(), {"world_size": world_size, "device": device, "output": str(output.resolve())},
             run_name=output.name, artifact_location=tracking.artifact_location_for(uri, output),
         )
-        tracking.log_dataset(uri, run_id, identity(cfg.data))
-        return run_id
     except Exception as err:  # noqa: BLE001 - any store error is a setup error here
-        raise InputError("--mlflow-uri", uri, f"cannot create a run ({str(err).splitlines()[0][:200]})") from None
+        gist = (str(err) or type(err).__name__).splitlines()[0][:200]
+        raise InputError("--mlflow-uri", uri, f"cannot create a run ({gist})") from None
+    try:
+        tracking.log_dataset(uri, run_id, identity(cfg.data))
+    except Exception as err:  # tracking never stops a run: it goes on without its dataset input
+        print(f"warning: could not record the dataset of MLflow run {run_id} ({type(err).__name__}: {err})")
+    return run_id
 
 
 def main(argv: list[str] | None = None) -> int:
