@@ -171,3 +171,51 @@ def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
     yield head
     head.stop()
+
+
+class LoopbackCluster:
+    """Several Ray nodes on this machine, all on 127.0.0.1: Ray's own `cluster_utils.Cluster`, whose nodes
+    are separate raylets (their own processes, object stores and workers) joined to one head's GCS.
+
+    The head holds no CPUs, so every trial and worker is placed on a worker node, and a node can be
+    lost (`kill`: SIGKILL of all its processes) without the cluster's state going with it. The
+    temp dir is the cluster's own, so `ray.init()` elsewhere on the machine does not find it."""
+
+    def __init__(self, worker_cpus: tuple[int, ...] = (1, 1)):
+        import tempfile
+
+        from ray.cluster_utils import Cluster
+
+        self.temp_dir = tempfile.mkdtemp(prefix="raycl-", dir="/tmp")  # short: Ray's socket paths must fit
+        self.common = {"node_ip_address": "127.0.0.1", "temp_dir": self.temp_dir, "include_dashboard": False,
+                       "object_store_memory": 80 * 1024 * 1024}
+        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **self.common})
+        self.nodes = [self.add_node(cpus) for cpus in worker_cpus]
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, num_cpus: int = 1):
+        node = self.cluster.add_node(num_cpus=num_cpus, **self.common)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def kill(self, node) -> None:
+        """The node is lost: its raylet and every worker on it get SIGKILL, no grace."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.nodes.remove(node)
+
+    def stop(self) -> None:
+        import shutil
+
+        self.cluster.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def loopback_cluster():
+    """A head (no CPUs) and two 1-CPU worker nodes on 127.0.0.1; the test may add or kill nodes."""
+    cluster = LoopbackCluster()
+    yield cluster
+    cluster.stop()

@@ -95,6 +95,8 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     b = space.budget
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
+    if divergence(out):  # Tune retried a trial that diverged: it would only diverge again
+        raise TrialDiverged(f"trial {trial_id} diverged: {divergence(out)['error']}")
     if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
         from lsep_tune.train.tune_context import run_in_trial
 
@@ -121,6 +123,11 @@ class TrialRuns(Callback):
     def __init__(self, paths: SearchPaths, space):
         self.paths, self.space = paths, space
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial whose process died (its node lost) is started again by Tune; count it on disk, where a
+        resumed search finds the count again. The retried trial resumes from its checkpoints."""
+        record_restart(self.paths.output, trial.trial_id)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         try:
             cfg = self.space.trial_config(trial.config)
@@ -134,6 +141,20 @@ class TrialRuns(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         end_run(self.paths, trial.trial_id, "FAILED")
+
+
+RESTARTS_FILE = "restarts.json"  # {trial id: times Tune started it again after its process died}
+
+
+def restarts(output: Path) -> dict[str, int]:
+    path = output / RESTARTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_restart(output: Path, trial_id: str) -> None:
+    counts = restarts(output)
+    counts[trial_id] = counts.get(trial_id, 0) + 1
+    (output / RESTARTS_FILE).write_text(json.dumps(counts, indent=2) + "\n")
 
 
 def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
@@ -201,6 +222,9 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False) -> di
         results = fit(space, paths, resume)
     end_unfinished_runs(paths, "KILLED")
     rows = report.trial_table(results, space)
+    restarted = restarts(output)
+    for row in rows:
+        row["restarts"] = restarted.get(row["id"], 0)
     single = len(space.metric_names) == 1
     best = report.best_trial(rows, space)
     confirmation = None
@@ -307,7 +331,9 @@ def fit(space, paths: SearchPaths, resume: bool):
                 time_budget_s=space.budget.time_budget_s,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
-                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      # a trial whose process died (a lost node) starts again, up to max_failures
+                                      # times, and resumes from the checkpoints in its folder
+                                      failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                                       callbacks=[TrialRuns(paths, space)], progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps
         )
