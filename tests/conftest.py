@@ -186,18 +186,41 @@ class LoopbackCluster:
 
         from ray.cluster_utils import Cluster
 
+        # a loaded 2-core machine registers a raylet in more than Ray's default 10 s
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
         self.temp_dir = tempfile.mkdtemp(prefix="raycl-", dir="/tmp")  # short: Ray's socket paths must fit
         self.common = {"node_ip_address": "127.0.0.1", "temp_dir": self.temp_dir, "include_dashboard": False,
                        "object_store_memory": 80 * 1024 * 1024}
-        self.cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, **self.common})
-        self.nodes = [self.add_node(cpus) for cpus in worker_cpus]
+        self.nodes: list = []
+        # A raylet exits when its dashboard agent has not written its port within ~15 s (no setting
+        # in Ray 2.60 changes it): on a loaded machine the agent's imports alone can take longer.
+        for attempt in range(3):
+            try:
+                self.cluster = Cluster(initialize_head=True,
+                                       head_node_args={"num_cpus": 0, **self.ports(), **self.common})
+                self.nodes = [self.add_node(cpus) for cpus in worker_cpus]
+                break
+            except Exception as err:
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    self.stop()
+                    raise
+                if hasattr(self, "cluster"):
+                    self.cluster.shutdown()
+                    del self.cluster
+
+    @staticmethod
+    def ports() -> dict[str, int]:
+        """Each node's agents on free ports given up front: a raylet that waits for its agent to pick one
+        gives up after a few seconds on a loaded machine (metrics_agent_port file timeout)."""
+        return {"metrics_agent_port": free_port(), "metrics_export_port": free_port(),
+                "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port()}
 
     @property
     def address(self) -> str:
         return self.cluster.address
 
     def add_node(self, num_cpus: int = 1):
-        node = self.cluster.add_node(num_cpus=num_cpus, **self.common)
+        node = self.cluster.add_node(num_cpus=num_cpus, **self.ports(), **self.common)
         self.cluster.wait_for_nodes()
         return node
 
@@ -209,7 +232,8 @@ class LoopbackCluster:
     def stop(self) -> None:
         import shutil
 
-        self.cluster.shutdown()
+        if hasattr(self, "cluster"):
+            self.cluster.shutdown()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
