@@ -212,7 +212,7 @@ class LoopbackCluster:
     def ports() -> dict[str, int]:
         """Each node's agents on free ports given up front: a raylet that waits for its agent to pick one
         gives up after a few seconds on a loaded machine (metrics_agent_port file timeout)."""
-        return {"metrics_agent_port": free_port(), "metrics_export_port": free_port(),
+        return {"dashboard_port": free_port(), "metrics_agent_port": free_port(), "metrics_export_port": free_port(),
                 "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port()}
 
     @property

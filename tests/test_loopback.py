@@ -1,17 +1,23 @@
 """A local Ray started by the commands (cluster.connect_ray) lives on 127.0.0.1 only."""
+import ipaddress
 import os
 
 from lsep_tune.cluster import LOOPBACK_ENV, connect_ray, is_loopback
 
 
 def listening(port: int) -> set[str]:
-    """The local addresses a TCP socket of this machine listens on at `port` (IPv4, from /proc)."""
+    """The local addresses TCP sockets of this machine listen on at `port` (from /proc; an IPv6 socket's
+    IPv4-mapped address as the IPv4 one)."""
     found = set()
-    for line in open("/proc/net/tcp").read().splitlines()[1:]:
-        local, state = line.split()[1], line.split()[3]
-        host, port_hex = local.split(":")
-        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
-            found.add(".".join(str(int(host[i:i + 2], 16)) for i in (6, 4, 2, 0)))
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            host, port_hex = local.split(":")
+            if state != "0A" or int(port_hex, 16) != port:  # 0A: LISTEN
+                continue
+            raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))  # host order words
+            ip = ipaddress.ip_address(raw)
+            found.add(str(ip.ipv4_mapped or ip) if ip.version == 6 else str(ip))
     return found
 
 
