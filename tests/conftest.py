@@ -188,6 +188,9 @@ class LoopbackCluster:
 
         # a loaded 2-core machine registers a raylet in more than Ray's default 10 s
         os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+        # every node sees the whole machine's memory: Ray's OOM killer would end these tests' trials for
+        # what other processes on the machine use (the kernel's still ends a real runaway)
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
         self.temp_dir = tempfile.mkdtemp(prefix="raycl-", dir="/tmp")  # short: Ray's socket paths must fit
         self.common = {"node_ip_address": "127.0.0.1", "temp_dir": self.temp_dir, "include_dashboard": False,
                        "object_store_memory": 80 * 1024 * 1024}
