@@ -136,7 +136,7 @@ def loopback_ray():
 
 
 def start_local_ray(num_cpus: int | None = None, **options) -> None:
-    """A local Ray on loopback (see loopback_ray): what train, search, ablate and bench start."""
+    """A local Ray on loopback (see loopback_ray): what train, search and ablate start through connect_ray."""
     import ray
 
     with loopback_ray():
