@@ -8,6 +8,7 @@ started it. Errors name neutral fields (``workers``, ``address``, ``storage``); 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -105,6 +106,53 @@ def ray_address(address: str | None) -> str | None:
     return address or os.environ.get("RAY_ADDRESS") or None
 
 
+LOOPBACK = "127.0.0.1"
+# Ray 2.60 turns a requested 127.0.0.1 (ray.init's _node_ip_address, `ray start --node-ip-address`) into
+# the machine's network address; only with clusters switched off (this variable, meant for Windows and
+# macOS) does a node take the loopback address. A local Ray is one machine: nothing joins it from outside.
+LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_ray():
+    """Within it, a Ray started here binds 127.0.0.1 (node, GCS, raylet; the dashboard already does).
+
+    Ray reads the switch when it is imported: its processes started now inherit the variable, and
+    this process's copy of the constant is set for the start and put back after it."""
+    from ray._private import ray_constants
+
+    before_env, before = os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield LOOPBACK
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+        if before_env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = before_env
+
+
+def start_local_ray(num_cpus: int | None = None, **options) -> None:
+    """A local Ray on loopback (see loopback_ray): what train, search and ablate start through connect_ray."""
+    import ray
+
+    with loopback_ray():
+        ray.init(num_cpus=num_cpus, dashboard_host=LOOPBACK, **options)
+
+
+def is_loopback(address: str) -> bool:
+    """`address` (host:port, as RAY_ADDRESS gives it) names a cluster on this machine's loopback."""
+    import ipaddress
+
+    host = address.split("://")[-1].rsplit(":", 1)[0].strip("[]")
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def connect_ray(address: str | None, placement: Placement | None = None, *, num_cpus: int | None = None,
                 quiet: bool = False) -> bool:
     """Join the cluster at `address` (or $RAY_ADDRESS) or start a local Ray; True when this call
@@ -124,10 +172,11 @@ def connect_ray(address: str | None, placement: Placement | None = None, *, num_
     # console: every line twice. Workers of a local Ray inherit this process's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:
-        if address:
-            ray.init(address=address, logging_level=level)
+        if address:  # Ray would look for a loopback cluster on the network address; keep it on loopback
+            with loopback_ray() if is_loopback(address) else contextlib.nullcontext():
+                ray.init(address=address, logging_level=level)
         else:
-            ray.init(num_cpus=num_cpus, logging_level=level)
+            start_local_ray(num_cpus, logging_level=level)
     except (ConnectionError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InputError("address", address or "(local)", f"cannot start or join a Ray cluster ({first})") from None

@@ -171,3 +171,78 @@ def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
     yield head
     head.stop()
+
+
+class LoopbackCluster:
+    """Several Ray nodes on this machine, all on 127.0.0.1: Ray's own `cluster_utils.Cluster`, whose nodes
+    are separate raylets (their own processes, object stores and workers) joined to one head's GCS.
+
+    The head holds no CPUs, so every trial and worker is placed on a worker node, and a node can be
+    lost (`kill`: SIGKILL of all its processes) without the cluster's state going with it. The
+    temp dir is the cluster's own, so `ray.init()` elsewhere on the machine does not find it."""
+
+    def __init__(self, worker_cpus: tuple[int, ...] = (1, 1)):
+        import tempfile
+
+        from ray.cluster_utils import Cluster
+
+        # a loaded 2-core machine registers a raylet in more than Ray's default 10 s
+        os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+        # every node sees the whole machine's memory: Ray's OOM killer would end these tests' trials for
+        # what other processes on the machine use (the kernel's still ends a real runaway)
+        os.environ.setdefault("RAY_memory_monitor_refresh_ms", "0")
+        self.temp_dir = tempfile.mkdtemp(prefix="raycl-", dir="/tmp")  # short: Ray's socket paths must fit
+        self.common = {"node_ip_address": "127.0.0.1", "temp_dir": self.temp_dir, "include_dashboard": False,
+                       "object_store_memory": 80 * 1024 * 1024}
+        self.nodes: list = []
+        # A raylet exits when its dashboard agent has not written its port within ~15 s (no setting
+        # in Ray 2.60 changes it): on a loaded machine the agent's imports alone can take longer.
+        for attempt in range(3):
+            try:
+                self.cluster = Cluster(initialize_head=True,
+                                       head_node_args={"num_cpus": 0, **self.ports(), **self.common})
+                self.nodes = [self.add_node(cpus) for cpus in worker_cpus]
+                break
+            except Exception as err:
+                if "timed out during startup" not in str(err) or attempt == 2:
+                    self.stop()
+                    raise
+                if hasattr(self, "cluster"):
+                    self.cluster.shutdown()
+                    del self.cluster
+
+    @staticmethod
+    def ports() -> dict[str, int]:
+        """Each node's agents on free ports given up front: a raylet that waits for its agent to pick one
+        gives up after a few seconds on a loaded machine (metrics_agent_port file timeout)."""
+        return {"dashboard_port": free_port(), "metrics_agent_port": free_port(), "metrics_export_port": free_port(),
+                "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port()}
+
+    @property
+    def address(self) -> str:
+        return self.cluster.address
+
+    def add_node(self, num_cpus: int = 1):
+        node = self.cluster.add_node(num_cpus=num_cpus, **self.ports(), **self.common)
+        self.cluster.wait_for_nodes()
+        return node
+
+    def kill(self, node) -> None:
+        """The node is lost: its raylet and every worker on it get SIGKILL, no grace."""
+        self.cluster.remove_node(node, allow_graceful=False)
+        self.nodes.remove(node)
+
+    def stop(self) -> None:
+        import shutil
+
+        if hasattr(self, "cluster"):
+            self.cluster.shutdown()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def loopback_cluster():
+    """A head (no CPUs) and two 1-CPU worker nodes on 127.0.0.1; the test may add or kill nodes."""
+    cluster = LoopbackCluster()
+    yield cluster
+    cluster.stop()

@@ -16,6 +16,7 @@ import torch
 
 from lsep_tune.bench.flops import train_flops_per_image
 from lsep_tune.bench.train import StepTimer, bench_config, build_training, synthetic_data
+from lsep_tune.cluster import start_local_ray
 from lsep_tune.config import validate
 from lsep_tune.train.distributed import RayContext, RunPaths
 from lsep_tune.train.loop import Training
@@ -40,8 +41,8 @@ def time_under_ray(cfg, args) -> list[float]:
     gpu = torch.cuda.is_available() and args.device != "cpu"
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(num_cpus=max(2, args.threads or 1), include_dashboard=False, configure_logging=False,
-                 log_to_driver=False)
+        start_local_ray(max(2, args.threads or 1), include_dashboard=False, configure_logging=False,
+                        log_to_driver=False)
     try:
         return _time_one_worker(cfg, args, gpu)
     finally:

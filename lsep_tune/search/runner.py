@@ -28,7 +28,7 @@ from lsep_tune.search import report
 from lsep_tune.search.confirm import ARM_TAG, ROLE_TAG, SEED_TAG, confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
-from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, trial_main
+from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, restarts, trial_main
 
 
 @contextlib.contextmanager
@@ -97,6 +97,9 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
         results = fit(space, paths, resume, resources, callbacks)
     end_unfinished_runs(paths, "KILLED")
     rows = report.trial_table(results, space)
+    restarted = restarts(output)
+    for row in rows:
+        row["restarts"] = restarted.get(row["id"], 0)
     single = len(space.metric_names) == 1
     best = report.best_trial(rows, space)
     confirmation = None
@@ -226,7 +229,9 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                 time_budget_s=space.budget.time_budget_s,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
-                                      failure_config=tune.FailureConfig(max_failures=0),
+                                      # a trial whose process died (a lost node) starts again, up to max_failures
+                                      # times, and resumes from the checkpoints in its folder
+                                      failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
                                       callbacks=[TrialRuns(paths, space), *callbacks],
                                       progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps

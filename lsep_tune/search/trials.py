@@ -6,6 +6,7 @@ trials' MLflow runs (made when a trial starts, ended in the state it reached). B
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +94,8 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     b = space.budget
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
+    if divergence(out):  # Tune retried a trial that diverged: it would only diverge again
+        raise TrialDiverged(f"trial {trial_id} diverged: {divergence(out)['error']}")
     if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
         run_in_trial(cfg, out, paths.mlflow_uri, run_id)
     else:
@@ -129,6 +132,11 @@ class TrialRuns(Callback):
     def __init__(self, paths: SearchPaths, space, role: str | None = None):
         self.paths, self.space, self.role = paths, space, role
 
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        """A trial whose process died (its node lost) is started again by Tune; count it on disk, where a
+        resumed search finds the count again. The retried trial resumes from its checkpoints."""
+        record_restart(self.paths.output, trial.trial_id)
+
     def on_trial_start(self, iteration, trials, trial, **info):
         try:
             open_trial_run(self.paths, trial.trial_id, self.space, trial.config, trials.index(trial) + 1, self.role)
@@ -143,6 +151,21 @@ class TrialRuns(Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         end_run(self.paths, trial.trial_id, "FAILED")
+
+
+RESTARTS_FILE = "restarts.json"  # {trial id: times Tune started it again after its process died}
+
+
+def restarts(output: Path) -> dict[str, int]:
+    path = output / RESTARTS_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_restart(output: Path, trial_id: str) -> None:
+    counts = restarts(output)
+    counts[trial_id] = counts.get(trial_id, 0) + 1
+    (output / RESTARTS_FILE).write_text(json.dumps(counts, indent=2) + "
+")
 
 
 def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
