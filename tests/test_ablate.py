@@ -142,3 +142,16 @@ def test_ablation_trains_arms_x_seeds_and_writes_the_table(tmp_path, ray_local, 
     assert "ablation_lsep_flow_loss_ci_high" in parent.data.metrics and parent.info.status == "FINISHED"
     assert {a.path for a in client.list_artifacts(parent.info.run_id, "ablation")} >= {
         "ablation/table.md", "ablation/table.csv", "ablation/bars.png"}
+
+
+def test_the_budget_arms_compare_the_digits_space_first_point_with_its_corners():
+    from lsep_tune.search.space import load_space
+
+    spec, arms, _ = load_ablation("digits-budget")
+    space = load_space("digits")
+    first = space.trial_config(space.points_to_evaluate[0])
+    assert arms[0].name == "paper" and arms[0].config.objective == first.objective  # the reference
+    assert arms[0].config.model == first.model and spec.seeds >= 3
+    fast = arms[1].config.objective.lsep
+    assert (fast.uncond_prob, fast.probe_lr, fast.crop_start, fast.weights_type, fast.weight) == (0.5, 0.1, None, "constant", 0.1)
+    assert all(a.config.run.eval_every == 100 and a.config.run.max_steps == 500 for a in arms)

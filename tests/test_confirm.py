@@ -143,3 +143,46 @@ def test_identical_configurations_keep_the_baseline(tmp_path, ray_local, mlflow_
     assert not top["beats_baseline"] and top["difference"]["ci_low"] <= 0 <= top["difference"]["ci_high"]
     assert out["winner"] == "baseline" and out["verdict"].startswith(NO_DIFFERENCE)
     assert yaml.safe_load((tmp_path / "best.yaml").read_text())["sampling"]["cfg_scale"] == 1.0
+
+
+def test_confirmation_runs_evaluate_at_the_end_only():
+    """The search's ASHA rung evaluations are waste in a confirmation run, judged at max_steps alone."""
+    from lsep_tune.search.confirm import end_only
+    from lsep_tune.search.space import load_space
+
+    space = load_space("digits")
+    cfg = space.trial_config(space.points_to_evaluate[0])
+    assert 0 < cfg.run.eval_every < cfg.run.max_steps  # the rung evaluation the search needs
+    end = end_only(cfg)
+    assert end.run.eval_every == cfg.run.max_steps == end.run.max_steps
+    end.run.eval_every = cfg.run.eval_every
+    assert end == cfg  # nothing else changes
+    cfg.run.eval_every = 0  # a run that does not evaluate stays so
+    assert end_only(cfg).run.eval_every == 0
+
+
+def test_confirm_search_trains_end_only_configs_and_writes_the_searched_one(tmp_path, monkeypatch):
+    """The wiring, without the training: the arms confirm_search hands to the runs evaluate at the end
+    only, and best.yaml is the config the search trained (its rung evaluations included)."""
+    from types import SimpleNamespace
+
+    from lsep_tune.search import confirm as confirm_module
+    from lsep_tune.search.space import load_space
+
+    space = load_space("digits")
+    trained = {}
+
+    def runs(arms, seeds, resources, sub, metric, mode, max_steps=None):
+        trained.update({a.name: a.config for a in arms})
+        sub.output.mkdir(parents=True)
+        return {"configs": [{"name": a.name, "origin": a.origin} for a in arms], "winner": "baseline"}
+
+    monkeypatch.setattr(confirm_module, "confirm", runs)
+    point = {**space.points_to_evaluate[0], "objective.lsep.uncond_prob": 0.6}
+    rows = [{"id": "t1", "status": "completed", "step": space.budget.max_steps, "metric": 30.0, "params": point}]
+    paths = SimpleNamespace(output=tmp_path, mlflow_uri="unused", parent_run_id="unused")
+    confirm_search(space, rows, paths, space.confirm)
+    assert set(trained) == {"baseline", "top1"}
+    assert all(c.run.eval_every == c.run.max_steps == space.budget.max_steps for c in trained.values())
+    best = yaml.safe_load((tmp_path / "best.yaml").read_text())
+    assert best["run"]["eval_every"] == space.base_config().run.eval_every < space.budget.max_steps

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
 TINY = ["--preset", "digits", "--set", "optim.lr=1e-3", "--set", "model.name=SiT-Tiny/2",
         "--set", "objective.lsep.encoder_depth=2",
         "--set", "sampling.steps=2", "--set", "sampling.grid_images=10", "--set", "run.log_every=1",
-        "--set", "run.ckpt_every=4", "--set", "run.keep_checkpoints=5", "--max-steps", "10"]
+        "--set", "run.ckpt_every=4", "--set", "run.keep_checkpoints=5", "--set", "run.eval_every=0",
+        "--max-steps", "10"]  # no FID of 1,000 samples at the end: these tests compare states and steps
 
 
 def run_cli(args, tmp_path: Path, name: str) -> tuple[int, dict, Path]:

@@ -72,10 +72,10 @@ def test_paper_points_first():
 def test_base_config_maps_the_space_fields():
     space = load_space("digits")
     cfg = space.base_config()
-    assert (cfg.run.max_steps, cfg.run.log_every, cfg.run.seed) == (1000, 100, 0)
-    assert (cfg.run.eval_every, cfg.run.eval_samples, cfg.sampling.steps, cfg.ema.warmup) == (500, 1000, 16, True)
+    assert (cfg.run.max_steps, cfg.run.log_every, cfg.run.seed) == (300, 50, 0)
+    assert (cfg.run.eval_every, cfg.run.eval_samples, cfg.sampling.steps, cfg.ema.warmup) == (150, 1000, 16, True)
     cfg.run.max_steps = 1  # a copy: the space keeps its own
-    assert space.base_config().run.max_steps == 1000
+    assert space.base_config().run.max_steps == 300
 
 
 def test_define_by_run_samples_inside_domains_and_respects_conditions():
@@ -267,12 +267,12 @@ BAD = [
      f"overrides.{L}crop_start", "larger than the token grid"),
     ("override of a field the space owns", lambda d: d["overrides"].update({"run.max_steps": 10}),
      "overrides.run.max_steps", "budget.max_steps"),
-    ("evaluation off the report steps", lambda d: d["overrides"].update({"run.eval_every": 150}),
-     "overrides.run.eval_every", "multiple of report_every (100)"),
+    ("evaluation off the report steps", lambda d: d["overrides"].update({"run.eval_every": 75}),
+     "overrides.run.eval_every", "multiple of report_every (50)"),
     ("rungs that would read a stale fid", lambda d: d["overrides"].update({"run.eval_every": 300}),
      "scheduler.grace_period", "stale"),
-    ("grace period before the first report", lambda d: d["scheduler"].update(grace_period=50),
-     "scheduler.grace_period", ">= report_every (100)"),
+    ("grace period before the first report", lambda d: d["scheduler"].update(grace_period=25),
+     "scheduler.grace_period", ">= report_every (50)"),
     ("conditions in a cycle", lambda d: d["params"].update({
         "objective.sra.loss_type": {"type": "choice", "values": ["cos", "l1"], "when": {L + "weights_type": "steps"}},
         L + "weights_type": {"type": "choice", "values": ["constant", "steps"],

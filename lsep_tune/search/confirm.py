@@ -276,13 +276,23 @@ def top_configurations(rows: list[dict], k: int, mode: str, key=None) -> list[di
     return chosen[:k]
 
 
+def end_only(cfg: Config) -> Config:
+    """A confirmation run is judged by its value at the end alone: its in-training evaluations before
+    the last step (the search's ASHA rungs) would only cost time, so it evaluates at max_steps only."""
+    if not cfg.run.eval_every or cfg.run.eval_every >= cfg.run.max_steps:
+        return cfg
+    data = cfg.to_dict()
+    data["run"]["eval_every"] = cfg.run.max_steps
+    return validate(data, "confirmation")
+
+
 def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> dict:
     """After a search: confirm the top `settings.top_k` trials of `rows` against the baseline on
     fresh seeds, write OUTPUT/best.yaml as the confirmed winner (the baseline when nothing beats it)
     and return the `confirmation` object. `paths` is the search's SearchPaths."""
     metric, mode = space.metric_names[0], space.modes[0]
     base_params, origin = baseline_params(space, settings)
-    baseline_cfg = space.trial_config(base_params)
+    baseline_cfg = end_only(space.trial_config(base_params))
 
     def config_key(params: dict) -> str:
         return json.dumps(space.trial_config(params).to_dict(), sort_keys=True, default=str)
@@ -292,7 +302,7 @@ def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> d
                   if config_key(r["params"]) != config_key(base_params)][: settings.top_k]
     arms = [Arm(BASELINE, base_params, baseline_cfg, origin)]
     for i, row in enumerate(candidates, 1):
-        arms.append(Arm(f"top{i}", dict(row["params"]), space.trial_config(row["params"]), f"trial {row['id']}"))
+        arms.append(Arm(f"top{i}", dict(row["params"]), end_only(space.trial_config(row["params"])), f"trial {row['id']}"))
     seeds = settings.fresh_seeds(space.training_seeds(), space.source)
     b = space.budget
     resources = Resources(b.workers_per_trial, b.cpus_per_worker, b.gpus_per_worker, b.max_failures, b.max_concurrent)
@@ -302,7 +312,7 @@ def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> d
     for c in out["configs"]:
         c["search_metric"] = _clean(by_trial.get(c["origin"]))
     winner = next(a for a in arms if a.name == out["winner"])
-    dump_config(winner.config, Path(paths.output) / "best.yaml")
+    dump_config(space.trial_config(winner.params), Path(paths.output) / "best.yaml")  # as the search trained it
     out["best_yaml"] = str(Path(paths.output) / "best.yaml")
     (sub.output / "confirmation.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
