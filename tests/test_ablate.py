@@ -100,7 +100,7 @@ def test_cli_bad_input_exits_2_before_anything(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 5 and all(line.startswith("error: ") for line in err), err
     assert err[0].startswith(f"error: {tmp_path / 'a.yaml'}: seeds: ")
-    assert err[1].startswith("error: --arms: nosuch: no such file or shipped arms (digits)")
+    assert err[1].startswith("error: --arms: nosuch: no such file or shipped arms (digits, digits-budget)")
     assert err[2].startswith("error: --seeds: 1: expected 2 or more")  # the flag the user typed
     assert err[3].startswith(f"error: {big}: budget.workers_per_trial: ")
     assert err[4].startswith("error: command line: arguments: unrecognized arguments: --no-such-flag")
