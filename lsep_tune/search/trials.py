@@ -164,8 +164,7 @@ def restarts(output: Path) -> dict[str, int]:
 def record_restart(output: Path, trial_id: str) -> None:
     counts = restarts(output)
     counts[trial_id] = counts.get(trial_id, 0) + 1
-    (output / RESTARTS_FILE).write_text(json.dumps(counts, indent=2) + "
-")
+    (output / RESTARTS_FILE).write_text(json.dumps(counts, indent=2) + "\n")
 
 
 def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
