@@ -37,6 +37,14 @@ class AblationBudget(StrictModel):
     gpus_per_worker: float = Field(0.0, ge=0)
     max_failures: int = Field(0, ge=0)
 
+    @property
+    def resources(self):
+        """As a search's budget gives them (lsep_tune.cluster.TrialResources)."""
+        from lsep_tune.cluster import TrialResources  # torch: off the command's start-up
+
+        return TrialResources(self.workers_per_trial, self.gpus_per_worker, self.cpus_per_worker,
+                              self.max_failures, self.max_concurrent)
+
 
 class AblationSpec(StrictModel):
     """An arms file: a base config, overrides for every arm, the arms, metrics, seeds, budget."""
@@ -192,7 +200,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
     """Train arms x seeds (Ray must be connected), write the tables, log everything to MLflow."""
     from lsep_tune import tracking
     from lsep_tune.config import flatten  # torch and Ray: see the note at the imports
-    from lsep_tune.search.confirm import Resources, metric_key, run_arms, values_of
+    from lsep_tune.search.confirm import metric_key, run_arms, values_of
     from lsep_tune.search.trials import SearchPaths
 
     started = time.time()
@@ -204,9 +212,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
         {"lsep_tune.kind": "ablation", "lsep_tune.role": "ablation", "output": str(output)},
         run_name=f"ablation-{name}", artifact_location=tracking.artifact_location_for(mlflow_uri, output))
     paths = SearchPaths(output, mlflow_uri, parent)
-    b = spec.budget
-    resources = Resources(b.workers_per_trial, b.cpus_per_worker, b.gpus_per_worker, b.max_failures, b.max_concurrent)
-    reports = run_arms(arms, seeds, resources, paths, "ablation")
+    reports = run_arms(arms, seeds, spec.budget.resources, paths, "ablation")
     max_steps = arms[0].config.run.max_steps
     values = {m: {a.name: values_of(reports[a.name], seeds, m, a.config.run.max_steps) for a in arms}
               for m in spec.metrics}
@@ -262,7 +268,7 @@ def prepare(args):
     for arm in arms:  # a missing or mismatched dataset, before any run
         cli.check_data(arm.config)
     # a local Ray gets enough logical CPUs for max_concurrent runs, but one run must fit the real cores
-    cli.check_trial_fits_here(spec.budget, source, args.address)
+    cli.check_trial_fits_here(spec.budget.resources, source, args.address)
     name = Path(source).stem.removeprefix("ablation-")
     output = Path(args.output) if args.output else cli.default_run_folder(f"ablation-{name}")
     if (output / "summary.json").exists():
@@ -284,7 +290,8 @@ def _ablate(args: argparse.Namespace) -> int:
         from lsep_tune.cluster import local_ray_cpus  # torch and Ray: only once the request passed its checks
         from lsep_tune.tracking import ui_command
 
-        ray_session.connect(args.address, num_cpus=local_ray_cpus(spec.budget), budget=spec.budget, source=source)
+        ray_session.connect(args.address, num_cpus=local_ray_cpus(spec.budget.resources), trial=spec.budget.resources,
+                            source=source)
         summary = run_ablation(spec, arms, output, uri, name)
         print((output / "table.md").read_text())
         print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "

@@ -68,12 +68,12 @@ def check_output(output: str | Path) -> None:
     require_writable_dir(output, "output")
 
 
-def check_trial_fits_here(budget, source: str, address: str | None) -> None:
-    """On a local Ray, one trial of `budget` must fit this machine (a cluster is checked once joined)."""
+def check_trial_fits_here(trial, source: str, address: str | None) -> None:
+    """On a local Ray, one `trial` (cluster.TrialResources) must fit this machine (a cluster is checked once joined)."""
     from lsep_tune.cluster import check_trial_fits, machine_resources, ray_address  # torch: off start-up
 
     if not ray_address(address):
-        check_trial_fits(budget, source, machine_resources(), "this machine")
+        check_trial_fits(trial, source, machine_resources(), "this machine")
 
 
 # ----- the Ray session ----------------------------------------------------------------------------
@@ -86,16 +86,16 @@ class RaySession:
         self.started = False
 
     def connect(self, address: str | None, placement=None, *, num_cpus: int | None = None,
-                budget=None, source: str = "") -> None:
+                trial=None, source: str = "") -> None:
         """Join `address` / $RAY_ADDRESS or start a local Ray (`num_cpus` logical CPUs); with
-        `placement` a run's workers, with `budget` one trial, must fit the cluster then."""
+        `placement` a run's workers, with `trial` one trial (cluster.TrialResources), must fit the cluster then."""
         import ray  # Ray is imported only once a command has passed its checks
 
         from lsep_tune.cluster import check_trial_fits, connect_ray
 
         self.started = connect_ray(address, placement, num_cpus=num_cpus) or self.started
-        if budget is not None:
-            check_trial_fits(budget, source, ray.cluster_resources(), "the cluster")
+        if trial is not None:
+            check_trial_fits(trial, source, ray.cluster_resources(), "the cluster")
 
     def __enter__(self) -> "RaySession":
         return self

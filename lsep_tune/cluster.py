@@ -20,14 +20,20 @@ from lsep_tune.errors import InputError
 from lsep_tune.files import require_writable_dir
 
 
-@dataclass
-class Placement:
-    """What one Ray Train run asks of the cluster."""
+@dataclass(frozen=True)
+class TrialResources:
+    """What one run or trial asks of the cluster, and how many such trials run at once: the one value
+    that a search's and an ablation's budget (`.resources`) and `train --workers` hand to the placement
+    checks, the trial function and Tune."""
 
     workers: int = 1
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
-    max_failures: int = 2
+    max_failures: int = 2  # worker-group restarts of a Ray Train run
+    max_concurrent: int = 1
+
+
+Placement = TrialResources  # the name train/ and sample/ use for a Ray Train run's share
 
 
 def local_device(name: str | None = None) -> torch.device:
@@ -49,7 +55,7 @@ def machine_resources(num_cpus: int | None = None) -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
 
 
-def check_placement(placement: Placement, resources: dict[str, float], where: str = "the cluster") -> None:
+def check_placement(placement: TrialResources, resources: dict[str, float], where: str = "the cluster") -> None:
     """Refuse a request that `resources` cannot hold all at once."""
     p = placement
     if p.workers < 1:
@@ -72,30 +78,27 @@ def check_placement(placement: Placement, resources: dict[str, float], where: st
 TRIAL_DRIVER_CPU = 0.01  # a multi-worker trial's own process only waits on its TorchTrainer
 
 
-def trial_resources(budget) -> dict[str, float]:
+def trial_resources(trial: TrialResources) -> dict[str, float]:
     """What a Tune trial's own process holds: a one-worker trial trains in it (the worker's CPUs and
-    GPUs); a larger trial's process only waits on its TorchTrainer, whose workers ask for their own.
-    `budget`: a search's or ablation's budget (workers_per_trial, cpus_per_worker, gpus_per_worker)."""
-    if budget.workers_per_trial == 1:
-        return {"cpu": budget.cpus_per_worker, "gpu": budget.gpus_per_worker}
+    GPUs); a larger trial's process only waits on its TorchTrainer, whose workers ask for their own."""
+    if trial.workers == 1:
+        return {"cpu": trial.cpus_per_worker, "gpu": trial.gpus_per_worker}
     return {"cpu": TRIAL_DRIVER_CPU}
 
 
-def local_ray_cpus(budget) -> int:
+def local_ray_cpus(trial: TrialResources) -> int:
     """Logical CPUs for a local Ray: enough for max_concurrent trials even on a 2-core machine."""
-    b = budget
-    per_trial = trial_resources(b)["cpu"] + (b.workers_per_trial * b.cpus_per_worker if b.workers_per_trial > 1 else 0)
-    return max(int(machine_resources()["CPU"]), math.ceil(b.max_concurrent * per_trial))
+    t = trial
+    per_trial = trial_resources(t)["cpu"] + (t.workers * t.cpus_per_worker if t.workers > 1 else 0)
+    return max(int(machine_resources()["CPU"]), math.ceil(t.max_concurrent * per_trial))
 
 
-def check_trial_fits(budget, source: str, resources: dict[str, float], where: str) -> None:
-    """One trial of a search or ablation `budget` must fit `resources` (this machine before a local
+def check_trial_fits(trial: TrialResources, source: str, resources: dict[str, float], where: str) -> None:
+    """One trial of a search's or ablation's budget must fit `resources` (this machine before a local
     Ray starts, the cluster once joined), or Tune would wait on it forever. Errors name the budget's
     field in the file `source`."""
-    b = budget
     try:
-        check_placement(Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures),
-                        resources, where)
+        check_placement(trial, resources, where)
     except InputError as err:
         field = "budget.workers_per_trial" if err.source == "workers" else "budget.gpus_per_worker"
         raise InputError(source, field, f"one trial needs more than {where} has: {err.expectation}") from None

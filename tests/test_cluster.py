@@ -24,21 +24,21 @@ def test_a_placement_that_does_not_fit_names_the_field_and_what_fits():
 
 def test_a_trial_holds_its_worker_or_only_waits_on_its_workers():
     one = Budget(num_samples=1, workers_per_trial=1, cpus_per_worker=2, gpus_per_worker=0.5)
-    assert trial_resources(one) == {"cpu": 2, "gpu": 0.5}
+    assert trial_resources(one.resources) == {"cpu": 2, "gpu": 0.5}
     two = Budget(num_samples=1, workers_per_trial=2, cpus_per_worker=1, max_concurrent=3)
-    assert trial_resources(two) == {"cpu": TRIAL_DRIVER_CPU}
+    assert trial_resources(two.resources) == {"cpu": TRIAL_DRIVER_CPU}
     # a local Ray gets logical CPUs for every concurrent trial: 3 x (0.01 + 2 x 1)
-    assert local_ray_cpus(two) == max(int(machine_resources()["CPU"]), 7)
+    assert local_ray_cpus(two.resources) == max(int(machine_resources()["CPU"]), 7)
 
 
 def test_a_trial_larger_than_the_cluster_blames_the_budget_field_of_its_file():
     big = Budget(num_samples=1, workers_per_trial=4, cpus_per_worker=1)
     with pytest.raises(InputError) as err:
-        check_trial_fits(big, "space.yaml", {"CPU": 2.0, "GPU": 0.0}, "the cluster")
+        check_trial_fits(big.resources, "space.yaml", {"CPU": 2.0, "GPU": 0.0}, "the cluster")
     assert str(err.value).startswith("space.yaml: budget.workers_per_trial: one trial needs more than the cluster has")
     gpu = Budget(num_samples=1, gpus_per_worker=1)
     with pytest.raises(InputError, match="^space.yaml: budget.gpus_per_worker: "):
-        check_trial_fits(gpu, "space.yaml", {"CPU": 2.0, "GPU": 0.0}, "this machine")
+        check_trial_fits(gpu.resources, "space.yaml", {"CPU": 2.0, "GPU": 0.0}, "this machine")
 
 
 def test_the_address_and_the_device(monkeypatch):

@@ -5,7 +5,7 @@ in `KINDS`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -66,15 +66,15 @@ def check_file(path: str, placement: bool = False) -> list[Shape]:
 def check_space(shape: Shape, space, source: str) -> str:
     """One trial of `space` must fit the cluster at its largest, and one of its workers one node.
     Uses the project's placement check (lsep_tune.cluster), as the search itself does on joining."""
-    from lsep_tune.cluster import Placement, check_placement, check_trial_fits
+    from lsep_tune.cluster import check_placement, check_trial_fits
 
     b = space.budget
     groups = [g for g in shape.groups if g.max_nodes > 0]
     worker_groups = [g for g in groups if g.name != "head"] or groups
     try:
-        check_trial_fits(b, space.source, shape.resources(), "this cluster at its largest")
+        check_trial_fits(space.resources, space.source, shape.resources(), "this cluster at its largest")
         best = max(groups, key=lambda g: (g.gpus, g.cpus))
-        check_placement(Placement(1, b.gpus_per_worker, b.cpus_per_worker), {"CPU": best.cpus, "GPU": best.gpus},
+        check_placement(replace(space.resources, workers=1), {"CPU": best.cpus, "GPU": best.gpus},
                         f"its largest node ({best.name})")
     except InputError as err:
         # check_trial_fits names the budget's field; check_placement its neutral argument

@@ -67,7 +67,7 @@ def prepare(args):
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
     cli.check_data(space.base_config())  # a missing or mismatched dataset, before any trial
     # a local Ray is sized for max_concurrent trials; one must fit the machine
-    cli.check_trial_fits_here(space.budget, space.source, args.address)
+    cli.check_trial_fits_here(space.resources, space.source, args.address)
     output = resolve_output(args, space.name)
     uri = args.mlflow_uri
     state = json.loads((output / "search.json").read_text()) if args.resume else {}
@@ -92,7 +92,7 @@ def _main(args: argparse.Namespace) -> int:
         from lsep_tune.search.runner import run_search
         from lsep_tune.tracking import ui_command
 
-        ray_session.connect(args.address, num_cpus=local_ray_cpus(space.budget), budget=space.budget,
+        ray_session.connect(args.address, num_cpus=local_ray_cpus(space.resources), trial=space.resources,
                             source=space.source)
         summary = run_search(space, output, uri, resume=args.resume, optuna_storage=args.optuna_storage,
                              register_model=args.register_model)

@@ -23,7 +23,7 @@ from typing import Any
 from ray import tune
 
 from lsep_tune import stats, tracking
-from lsep_tune.cluster import trial_resources
+from lsep_tune.cluster import TrialResources, trial_resources
 from lsep_tune.config import Config, dump_config, validate
 from lsep_tune.search.report import value
 from lsep_tune.search.schema import ConfirmConfig
@@ -47,24 +47,13 @@ class Arm:
     origin: str = ""  # where it came from (a search trial id, points_to_evaluate[0], an arms file)
 
 
-@dataclass
-class Resources:
-    """What one trial needs and how many run at once (the names trial_main reads from a space budget)."""
-
-    workers_per_trial: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-    max_failures: int = 0
-    max_concurrent: int = 2
-
-
 class ArmSpace:
     """What the search's trial function needs from a space, for fixed arms: `trial_config` of a
-    Tune config {arm, seed} and `budget`. The search's own trial function then runs it unchanged."""
+    Tune config {arm, seed} and `resources`. The search's own trial function then runs it unchanged."""
 
-    def __init__(self, arms: list[Arm], resources: Resources):
+    def __init__(self, arms: list[Arm], resources: TrialResources):
         self.arms = {a.name: a for a in arms}
-        self.budget = resources
+        self.resources = resources
 
     def trial_config(self, tune_config: dict) -> Config:
         data = self.arms[tune_config["arm"]].config.to_dict()
@@ -90,14 +79,14 @@ def arms_table():
     return live_table({"step": "step"}, {"arm": "arm", "seed": "seed"})
 
 
-def run_arms(arms: list[Arm], seeds: list[int], resources: Resources, paths, role: str) -> dict[str, dict[int, dict]]:
+def run_arms(arms: list[Arm], seeds: list[int], resources: TrialResources, paths, role: str) -> dict[str, dict[int, dict]]:
     """Train every arm on every seed (Ray must be connected); returns {arm: {seed: last report}},
     where a failed or diverged run's report is {} (no value). Every run ends in its true MLflow state;
     one still open when this returns or raises (never started, interrupted) ends KILLED."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     space = ArmSpace(arms, resources)
     trainable = tune.with_resources(tune.with_parameters(_trial, space=space, paths=paths, role=role),
-                                    trial_resources(space.budget))
+                                    trial_resources(resources))
     tuner = tune.Tuner(
         trainable,
         # seed-major: the runs that will be compared with each other finish close together
@@ -193,7 +182,7 @@ def _clean(value):
 
 # ----- confirmation -------------------------------------------------------------------------------
 
-def confirm(arms: list[Arm], seeds: list[int], resources: Resources, paths, metric: str, mode: str,
+def confirm(arms: list[Arm], seeds: list[int], resources: TrialResources, paths, metric: str, mode: str,
             baseline: str = BASELINE, max_steps: int | None = None) -> dict:
     """Train `arms` (the baseline among them) on `seeds` and judge them against the baseline.
 
@@ -304,10 +293,8 @@ def confirm_search(space, rows: list[dict], paths, settings: ConfirmConfig) -> d
     for i, row in enumerate(candidates, 1):
         arms.append(Arm(f"top{i}", dict(row["params"]), end_only(space.trial_config(row["params"])), f"trial {row['id']}"))
     seeds = settings.fresh_seeds(space.training_seeds(), space.source)
-    b = space.budget
-    resources = Resources(b.workers_per_trial, b.cpus_per_worker, b.gpus_per_worker, b.max_failures, b.max_concurrent)
     sub = SearchPaths(Path(paths.output) / "confirmation", paths.mlflow_uri, paths.parent_run_id)
-    out = confirm(arms, seeds, resources, sub, metric, mode, max_steps=b.max_steps)
+    out = confirm(arms, seeds, space.resources, sub, metric, mode, max_steps=space.budget.max_steps)
     by_trial = {f"trial {r['id']}": r["metric"] for r in rows}
     for c in out["configs"]:
         c["search_metric"] = _clean(by_trial.get(c["origin"]))

@@ -58,7 +58,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
     winner (the best trial without a confirmation) becomes the parent run's MLflow model, registered
     as `register_model` when given.
     `optuna_storage`: the study's database URL (default: optuna.db in `output`).
-    `resources` (what each trial asks of Ray, default `trial_resources(space.budget)`) and extra Tune
+    `resources` (what each trial asks of Ray, default `trial_resources(space.resources)`) and extra Tune
     `callbacks` let `bench cluster` run this same search on simulated GPU slots and time it."""
     import optuna
     import ray
@@ -211,7 +211,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
     trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
-                                    trial_resources(space.budget) if resources is None else resources)
+                                    trial_resources(space.resources) if resources is None else resources)
     tune_path = paths.tune_root / "search"
     if resume and tune.Tuner.can_restore(str(tune_path)):
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,

@@ -13,6 +13,7 @@ import optuna.distributions as od
 import optuna.samplers
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
 
+from lsep_tune.cluster import TrialResources
 from lsep_tune.errors import InputError
 from lsep_tune.schema import FieldError
 
@@ -254,6 +255,11 @@ class Budget(Strict):
     max_steps: int | None = Field(None, ge=1)  # default: the base config's run.max_steps
     max_failures: int = Field(0, ge=0)
     time_budget_s: float | None = Field(None, gt=0)
+
+    @property
+    def resources(self) -> TrialResources:
+        return TrialResources(self.workers_per_trial, self.gpus_per_worker, self.cpus_per_worker,
+                              self.max_failures, self.max_concurrent)
 
 
 FRESH_SEED_OFFSET = 1000  # confirmation seeds start this far above the search's: never one it trained

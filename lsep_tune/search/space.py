@@ -20,6 +20,7 @@ from typing import Any, Mapping, NoReturn
 
 from pydantic import ValidationError
 
+from lsep_tune.cluster import TrialResources
 from lsep_tune.config import Config, RunConfig, explain, load_base, read_yaml, set_path, validate
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
@@ -168,6 +169,11 @@ class SearchSpace:
     @property
     def name(self) -> str:
         return Path(self.source.split(" (")[0]).stem
+
+    @property
+    def resources(self) -> TrialResources:
+        """What each trial asks of the cluster (the budget's resource fields): what trial_main reads."""
+        return self.budget.resources
 
     @property
     def multi_objective(self) -> bool:

@@ -16,7 +16,6 @@ from ray.tune import Callback, CLIReporter
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from lsep_tune import tracking
-from lsep_tune.cluster import Placement
 from lsep_tune.data import identity as data_identity
 from lsep_tune.search.searcher import STUDY_NAME
 from lsep_tune.search.storage import default_storage
@@ -91,18 +90,16 @@ def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
     trial_id = tune.get_context().get_trial_id()
     cfg = space.trial_config(params)
     run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
-    b = space.budget
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     if divergence(out):  # Tune retried a trial that diverged: it would only diverge again
         raise TrialDiverged(f"trial {trial_id} diverged: {divergence(out)['error']}")
-    if b.workers_per_trial == 1:  # nothing to coordinate: train here, no worker group to start
+    if space.resources.workers == 1:  # nothing to coordinate: train here, no worker group to start
         run_in_trial(cfg, out, paths.mlflow_uri, run_id)
     else:
-        placement = Placement(b.workers_per_trial, b.gpus_per_worker, b.cpus_per_worker, b.max_failures)
         run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
                              mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
-        build_trainer(cfg, placement, run_paths, callbacks=[TuneReportCallback()]).fit()
+        build_trainer(cfg, space.resources, run_paths, callbacks=[TuneReportCallback()]).fit()
     diverged = divergence(out)
     if diverged:
         raise TrialDiverged(f"trial {trial_id} diverged: {diverged['error']}")
