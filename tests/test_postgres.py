@@ -52,7 +52,10 @@ class Postgres:
         self.run("initdb", "-D", self.data, "-U", "postgres", "-E", "UTF8", "--auth-local=trust",
                  "--auth-host=scram-sha-256")
         self.run("pg_ctl", "-D", self.data, "-l", f"{self.root}/log", "-w", "-t", "60", "-o",
-                 f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root}", "start")
+                 # MLflow 3's server holds a pool per worker plus its job consumers' pools: more than the
+                 # 100 connections initdb may choose (CI ran out of slots with it), so size it as a team server
+                 f"-c listen_addresses=127.0.0.1 -p {self.port} -c unix_socket_directories={self.root} "
+                 "-c max_connections=400", "start")
         # The shipped set-up: one owner role, a database each for MLflow's runs, its users, the studies.
         self.run("psql", "-h", self.root, "-p", str(self.port), "-U", "postgres", "-q", "-v", f"password={DB_PASSWORD}",
                  "-f", "-", input=(REPO / "clusters" / "mlflow" / "databases.sql").read_text())
