@@ -273,10 +273,11 @@ def prepare(args):
     output = Path(args.output) if args.output else cli.default_run_folder(f"ablation-{name}")
     if (output / "summary.json").exists():
         raise InputError("output", output, "holds an ablation already; choose another folder")
-    if args.mlflow_uri:  # the default store lies in the output folder, made once the run starts
-        cli.check_mlflow(args.mlflow_uri)
+    given = cli.mlflow_uri(args.mlflow_uri)
+    if given:  # the default store lies in the output folder, made once the run starts
+        cli.check_mlflow(given)
     cli.check_output(output)
-    uri = args.mlflow_uri or tracking.default_uri(output)
+    uri = given or tracking.default_uri(output)
     return spec, arms, source, name, output, uri
 
 

@@ -8,6 +8,7 @@ then `RaySession.connect`, then the work; a local Ray the session started ends w
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from lsep_tune.errors import InputError
 from lsep_tune.files import require_writable_dir
 
 ADDRESS_HELP = "Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)"
-MLFLOW_HELP = "MLflow tracking URI (default: sqlite:///OUTPUT/mlflow.db)"
+MLFLOW_HELP = "MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else sqlite:///OUTPUT/mlflow.db)"
 
 
 # ----- the shared flags ---------------------------------------------------------------------------
@@ -27,6 +28,13 @@ def add_output(parser, help: str) -> None:
 
 def add_mlflow_uri(parser) -> None:
     parser.add_argument("--mlflow-uri", help=MLFLOW_HELP)
+
+
+def mlflow_uri(flag: str | None, remembered: str | None = None) -> str | None:
+    """The store a run tracks into: the flag, else the one a resumed run used, else MLflow's own
+    $MLFLOW_TRACKING_URI (what a job's runtime env or a pod's Secret sets for the driver and its trials);
+    None: the command's sqlite file in its output folder."""
+    return flag or remembered or os.environ.get("MLFLOW_TRACKING_URI") or None
 
 
 def add_address(parser) -> None:

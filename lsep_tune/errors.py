@@ -23,6 +23,10 @@ class InputError(ValueError):
         self.expectation = " ".join(str(expectation).split())  # keep it on one line
         super().__init__(f"{self.source}: {self.field}: {self.expectation}")
 
+    def __reduce__(self):
+        # copied and pickled with its three parts (Ray copies a trial's exception to report it)
+        return type(self), (self.source, self.field, self.expectation)
+
     def line(self, flags: Mapping[str, str] | None = None) -> str:
         """The message with a neutral source name replaced by the flag a command line uses for it."""
         source = (flags or {}).get(self.source, self.source)

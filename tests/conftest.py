@@ -113,9 +113,13 @@ class RayHead:
         import tempfile
         from pathlib import Path
 
+        from lsep_tune.cluster import LOOPBACK, LOOPBACK_ENV
+
         self.temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit
         self.ray = str(Path(sys.executable).parent / "ray")
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token"}  # Ray 2.60: every `ray job` command needs it
+        # Ray 2.60: every `ray job` command needs the token mode; the loopback switch keeps the node on
+        # 127.0.0.1 as clusters/README.md's one-machine recipe does
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", LOOPBACK_ENV: "0"}
         self.env.pop("RAY_ADDRESS", None)
         gcs, dash = free_port(), free_port()
         self.gcs_port, self.dashboard = gcs, f"http://127.0.0.1:{dash}"
@@ -123,7 +127,8 @@ class RayHead:
                  "--dashboard-agent-listen-port": free_port(), "--metrics-export-port": free_port()}
         self.log = open(root / "ray-head.log", "w")
         self.proc = subprocess.Popen(
-            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--dashboard-host", "127.0.0.1",
+            [self.ray, "start", "--head", "--block", "--num-cpus", str(num_cpus), "--node-ip-address", LOOPBACK,
+             "--dashboard-host", LOOPBACK,
              "--disable-usage-stats", "--temp-dir", self.temp_dir, *[str(a) for kv in ports.items() for a in kv]],
             stdout=self.log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.wait()

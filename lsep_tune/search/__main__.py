@@ -11,7 +11,9 @@ from pathlib import Path
 
 from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
+from lsep_tune.search.stop import SearchStopped, sigterm_stops_search
 
+DEFAULT_SPACE = "digits"
 # Neutral names in library errors -> the flags of this command.
 FLAGS = {"address": "--address", "storage": "--output", "output": "--output", "mlflow_uri": "--mlflow-uri",
          "optuna_storage": "--optuna-storage"}
@@ -20,7 +22,8 @@ FLAGS = {"address": "--address", "storage": "--output", "output": "--output", "m
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = OneLineParser(prog="python -m lsep_tune.search", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--space", default="digits", help="search-space YAML file or shipped name (default: digits)")
+    p.add_argument("--space", help="search-space YAML file or shipped name (default: digits; with --resume the "
+                   "search's own, as its folder's space.yaml keeps it)")
     p.add_argument("--num-samples", type=int, help="trials in total (overrides budget.num_samples)")
     p.add_argument("--max-concurrent", type=int, help="trials at once (overrides budget.max_concurrent)")
     cli.add_output(p, "search folder (default: runs/search-<space>-<time>; with --resume the latest)")
@@ -61,18 +64,21 @@ def prepare(args):
     cli.positive("--max-concurrent", args.max_concurrent)
     from lsep_tune.search.space import load_space  # config validation imports torch: after the flags
 
-    space = load_space(args.space)
-    if args.smoke:
-        space = space.smoke()
+    if args.resume and args.space is None:  # the search goes on with the space it ran (--smoke included)
+        output = resolve_output(args, DEFAULT_SPACE)
+        saved = output / "space.yaml"
+        space = load_space(str(saved) if saved.exists() else DEFAULT_SPACE)
+    else:
+        space = load_space(args.space or DEFAULT_SPACE)
+        if args.smoke:
+            space = space.smoke()
+        output = resolve_output(args, space.name)
     space = space.with_overrides(num_samples=args.num_samples, max_concurrent=args.max_concurrent)
     cli.check_data(space.base_config())  # a missing or mismatched dataset, before any trial
     # a local Ray is sized for max_concurrent trials; one must fit the machine
     cli.check_trial_fits_here(space.resources, space.source, args.address)
-    output = resolve_output(args, space.name)
-    uri = args.mlflow_uri
     state = json.loads((output / "search.json").read_text()) if args.resume else {}
-    if args.resume and not uri:
-        uri = state.get("mlflow_tracking_uri")
+    uri = cli.mlflow_uri(args.mlflow_uri, state.get("mlflow_tracking_uri"))
     if uri:  # given (or remembered): its own mistakes are its own
         cli.check_mlflow(uri)
     args.optuna_storage = resolve_storage(args.optuna_storage, output, state.get("optuna_storage"))
@@ -84,8 +90,20 @@ def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _main(parse_args(argv)), FLAGS)
 
 
+EXIT_STOPPED = 128 + 15  # the shell's code for a command ended by SIGTERM
+
+
 def _main(args: argparse.Namespace) -> int:
     space, output, uri = prepare(args)  # everything checkable is checked before Ray starts
+    try:
+        return _search(args, space, output, uri)
+    except SearchStopped:
+        print(f"search stopped (SIGTERM): its unfinished trials' MLflow runs and the search's run end KILLED; "
+              f"continue it with: python -m lsep_tune.search --output {output} --resume", flush=True)
+        return EXIT_STOPPED
+
+
+def _search(args: argparse.Namespace, space, output: Path, uri: str) -> int:
     with cli.RaySession() as ray_session:
         from lsep_tune.cluster import local_ray_cpus  # torch and Ray: only once the request passed its checks
         from lsep_tune.search.report import print_summary
@@ -94,8 +112,9 @@ def _main(args: argparse.Namespace) -> int:
 
         ray_session.connect(args.address, num_cpus=local_ray_cpus(space.resources), trial=space.resources,
                             source=space.source)
-        summary = run_search(space, output, uri, resume=args.resume, optuna_storage=args.optuna_storage,
-                             register_model=args.register_model)
+        with sigterm_stops_search():  # after Ray's start: its driver installs a SIGTERM handler of its own
+            summary = run_search(space, output, uri, resume=args.resume, optuna_storage=args.optuna_storage,
+                                 register_model=args.register_model)
         print_summary(summary, output, ui_command(uri, summary["mlflow_parent_run_id"]))
         return 0 if summary["best_trial"] else 1
 

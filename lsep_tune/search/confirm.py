@@ -27,6 +27,7 @@ from lsep_tune.cluster import TrialResources, trial_resources
 from lsep_tune.config import Config, dump_config, validate
 from lsep_tune.search.report import value
 from lsep_tune.search.schema import ConfirmConfig
+from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.trials import SearchPaths, TrialRuns, end_unfinished_runs, live_table, open_trial_run, trial_main
 
 ROLE_TAG = "lsep_tune.role"
@@ -101,14 +102,14 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: TrialResources, paths
     )
     try:
         try:
-            results = tuner.fit()
+            results = fit_or_stop(tuner)
         except Exception as err:  # noqa: BLE001 - Tune's own loop dies when a node runs out of memory
             folder = str(paths.tune_root / role)
             if not tune.Tuner.can_restore(folder):
                 raise
             print(f"note: the {role} runs were interrupted ({type(err).__name__}); resuming the unfinished ones")
-            results = tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True,
-                                         resume_errored=True).fit()
+            results = fit_or_stop(tune.Tuner.restore(folder, trainable=trainable, resume_unfinished=True,
+                                                     resume_errored=True))
     finally:
         end_unfinished_runs(paths, "KILLED")
     out: dict[str, dict[int, dict]] = {a.name: {} for a in arms}

@@ -27,6 +27,7 @@ from lsep_tune.data import identity as data_identity
 from lsep_tune.search import report
 from lsep_tune.search.confirm import ARM_TAG, ROLE_TAG, SEED_TAG, confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
+from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
 from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, restarts, trial_main
 
@@ -236,4 +237,4 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                                       progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps
         )
-    return tuner.fit()
+    return fit_or_stop(tuner)

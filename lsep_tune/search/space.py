@@ -229,7 +229,7 @@ class SearchSpace:
         metric = [{"name": n, "mode": m} for n, m in zip(self.metric_names, self.modes)]
         return {
             "description": self.description,
-            "base": dict(self._base_spec),
+            "base": self._portable_base(),
             "overrides": copy.deepcopy(self.overrides),
             "params": {path: p.model_dump(exclude_none=True) for path, p in self.params.items()},
             "metric": metric if self.multi_objective else metric[0],
@@ -323,6 +323,13 @@ class SearchSpace:
             field, message = problem(err, noun, tag, model if isinstance(model, type) else None)
             self._fail(".".join(p for p in (where, field if field != "<root>" else "") if p) or "<root>", message)
 
+
+    def _portable_base(self) -> dict[str, Any]:
+        """The base as the dump names it: a base config file by its absolute path, so that the dump in a
+        search's folder (what --resume reloads) finds it wherever the folder is read from."""
+        if "config" not in self._base_spec:
+            return dict(self._base_spec)
+        return {"config": str((self._base_dir / self._base_spec["config"]).resolve())}
 
     def _read_base(self, base) -> tuple[dict[str, Any], dict[str, Any], str]:
         spec = {"preset": base.preset} if base.preset is not None else {"config": base.config}

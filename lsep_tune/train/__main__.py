@@ -90,7 +90,7 @@ def prepare(args: argparse.Namespace, ray_session: cli.RaySession):
         local_device(args.device)
     run_file = output / "run.json"
     previous = json.loads(run_file.read_text()) if args.resume and run_file.exists() else {}
-    uri = args.mlflow_uri or previous.get("mlflow_uri") or tracking.default_uri(output)
+    uri = cli.mlflow_uri(args.mlflow_uri, previous.get("mlflow_uri")) or tracking.default_uri(output)
     # A given store is checked before Ray starts; the default one lies in the output folder, which its
     # check may create, so that waits until Ray has accepted the run.
     given = uri != tracking.default_uri(output)
