@@ -142,7 +142,9 @@ def start_local_ray(num_cpus: int | None = None, **options) -> None:
     import ray
 
     with loopback_ray():
-        ray.init(num_cpus=num_cpus, dashboard_host=LOOPBACK, **options)
+        # "local": a Ray of its own, even while another runs on this machine (without it, ray.init joins
+        # the last `ray start` cluster here and refuses num_cpus)
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host=LOOPBACK, **options)
 
 
 def is_loopback(address: str) -> bool:

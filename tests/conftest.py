@@ -27,7 +27,7 @@ def ray_local():
     """A real local Ray for one test module (3 logical CPUs: two 1-CPU workers plus room to spare)."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, configure_logging=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -14,7 +14,7 @@ import pytest
 from tests.test_search import GOOD, child_runs, write_space
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 200
+MAX_STEPS = 120
 
 
 def ray_job(head, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -163,3 +163,82 @@ def test_a_trial_failing_past_max_failures_ends_failed_and_the_search_goes_on(tm
     # each trial once; the failed one as the searcher hears a failure: the worst value, once
     assert [t.state.name for t in study.trials] == ["COMPLETE", "COMPLETE"]
     assert sorted(t.value for t in study.trials)[-1] == penalty("min")
+
+
+def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server):
+    """A two-worker trial whose workers sit on two nodes loses one of them (SIGKILL of its node, no grace):
+    Ray Train starts its worker group again on a replacement node from the latest checkpoint on the
+    shared path, within the same Tune trial, and the trial ends exactly as an uninterrupted one."""
+    import yaml
+
+    from tests.conftest import LoopbackCluster
+
+    # one node for the trial's own process, one per worker
+    cluster = LoopbackCluster(worker_cpus=(1, 1, 1))
+    space = write_space(tmp_path / "space.yaml", [POINT, POINT], num_samples=2, max_concurrent=1, max_steps=MAX_STEPS,
+                        scheduler={"type": "none"}, report_every=2, overrides={"run.ckpt_every": CKPT_EVERY})
+    spec = yaml.safe_load(space.read_text())
+    spec["budget"].update(workers_per_trial=2, max_failures=1)
+    space.write_text(yaml.safe_dump(spec, sort_keys=False))
+    out = tmp_path / "search"
+    log = open(tmp_path / "search.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out),
+                             "--mlflow-uri", mlflow_server.uri, "--address", cluster.address],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:  # the first trial holds a checkpoint and is still training
+            runs = list(out.glob("trial_runs/*"))
+            ckpts = sorted(int(p.name.split("_")[-1]) for p in out.glob("trials/*/step_*"))
+            if runs and ckpts and last_step(runs[0] / "metrics.jsonl") < MAX_STEPS:
+                break
+            assert proc.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
+            time.sleep(0.2)
+        else:
+            pytest.fail("the first trial did not reach a checkpoint")
+        actors = cluster.cluster.global_state.actor_table(None).values()
+        alive = [a for a in actors if str(a["State"]) in ("ALIVE", "2")]
+        workers = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"] == "RayTrainWorker"}
+        trial_nodes = {a["Address"]["NodeID"] for a in alive if "ImplicitFunc" in a["ActorClassName"]}
+        assert len(workers) == 2 and not workers & trial_nodes  # two workers on two nodes, apart from the trial
+        (trial,) = [r.name for r in out.glob("trial_runs/*")]
+        step_at_kill = last_step(out / "trial_runs" / trial / "metrics.jsonl")
+        ckpt_at_kill = max(int(p.name.split("_")[-1]) for p in out.glob(f"trials/{trial}/step_*"))
+        lost = [n for n in cluster.nodes if n.node_id == sorted(workers)[-1]][0]
+        cluster.kill(lost)  # one worker dies with its node; the other and the trial's process live on
+        cluster.add_node(1)  # the lost node's replacement, where the worker group starts again
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        cluster.stop()
+    printed = (tmp_path / "search.log").read_text()
+    assert proc.returncode == 0, printed[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    rows = {row["id"]: row for row in summary["trials"]}
+    assert all(row["status"] == "completed" and row["step"] == MAX_STEPS for row in rows.values()), rows
+    (kept,) = set(rows) - {trial}
+    lost_run = json.loads((out / "trial_runs" / trial / "summary.json").read_text())
+    kept_run = json.loads((out / "trial_runs" / kept / "summary.json").read_text())
+    # the restarted worker group went on from the latest checkpoint: at most one interval lost
+    assert 0 < lost_run["start_step"] and lost_run["start_step"] >= ckpt_at_kill
+    assert step_at_kill - lost_run["start_step"] <= CKPT_EVERY and kept_run["start_step"] == 0
+    assert rows[trial]["metric"] == pytest.approx(rows[kept]["metric"], rel=1e-5)
+    for key in ("final_loss", "final_flow_loss"):
+        if key in kept_run:
+            assert lost_run[key] == pytest.approx(kept_run[key], rel=1e-5), key
+    steps = [json.loads(line)["step"] for line in (out / "trial_runs" / trial / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, MAX_STEPS + 1, 2))  # the history holds each step once
+    print(f"\nworker restart cost: {step_at_kill - lost_run['start_step']} steps lost "
+          f"(step {step_at_kill} at the kill, resumed at {lost_run['start_step']})")
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_server.uri)
+    children = client.search_runs([client.get_run(summary["mlflow_parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_parent_run_id']}'")
+    assert len(children) == 2 and [c.info.status for c in children] == ["FINISHED"] * 2
+    for child in children:
+        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")) == \
+            list(range(2, MAX_STEPS + 1, 2))

@@ -111,7 +111,7 @@ def test_ema_weights_from_state_pt_folder_and_ema_final_agree(tmp_path):
 @pytest.fixture
 def ray_cluster():
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.ERROR)
     yield ray
     ray.shutdown()
 

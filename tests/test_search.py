@@ -372,7 +372,7 @@ def test_live_table_prints_with_conditional_params(tmp_path, capsys):
                               "config": dict(point)})  # what Tune puts in every result
     import ray
 
-    ray.init(num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=1, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:  # a trial's name and folder are read from the running Ray's session
         table.report([trial], False)
     finally:
