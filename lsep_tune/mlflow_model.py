@@ -8,6 +8,8 @@ appears under the run's "Logged models" and can be registered; `load_model(uri)`
 """
 from __future__ import annotations
 
+import contextlib
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from lsep_tune.checkpoint import Checkpoint, load_checkpoint
 MODEL_NAME = "model"  # the model's name on its run: runs:/<run_id>/model
 CHECKPOINT = "checkpoint"  # the artifact key of ema_final.pt (which holds the config beside the weights)
 # What loading needs besides lsep_tune itself (installed from its repository, not from PyPI).
+ENV = "MLFLOW_TRACKING_URI"
 CODE = Path(__file__).with_name("mlflow_model_code.py")  # models-from-code: the model is code, not a pickle
 REQUIREMENTS = ("torch", "timm", "numpy", "pydantic", "pyyaml", "mlflow")
 
@@ -55,9 +58,7 @@ def log_model(uri: str, run_id: str, checkpoint_file: str | Path, registered_nam
     `registered_name` when given; returns {"mlflow_model_uri": models:/<model_id>} and, when
     registered, "registered_model": models:/NAME/VERSION."""
     tracking.client(uri)  # the fast-fail settings for a server that has gone away
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    with tracking_uri_set(uri):
         # log_model attaches the model to the active run; ending it here leaves the run FINISHED,
         # which the caller then sets to its final state anyway.
         with mlflow.start_run(run_id=run_id):
@@ -66,8 +67,6 @@ def log_model(uri: str, run_id: str, checkpoint_file: str | Path, registered_nam
                 pip_requirements=_requirements(), registered_model_name=registered_name,
                 tags={"lsep_tune.checkpoint": str(checkpoint_file)},
             )
-    finally:
-        mlflow.set_tracking_uri(previous)
     out = {"mlflow_model_uri": info.model_uri}
     if registered_name:
         out["registered_model"] = f"models:/{registered_name}/{info.registered_model_version}"
@@ -76,10 +75,21 @@ def log_model(uri: str, run_id: str, checkpoint_file: str | Path, registered_nam
 
 def load_model(model_uri: str, tracking_uri: str | None = None) -> Checkpoint:
     """The EMA weights and validated config behind an MLflow model URI, through the project's loader."""
-    previous = mlflow.get_tracking_uri()
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    try:
+    with tracking_uri_set(tracking_uri) if tracking_uri else contextlib.nullcontext():
         return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().checkpoint
+
+
+@contextlib.contextmanager
+def tracking_uri_set(uri: str):
+    """MLflow's fluent API pointed at `uri` for the block. set_tracking_uri also writes
+    $MLFLOW_TRACKING_URI, which the commands read as their default store: both are put back."""
+    previous, env = mlflow.get_tracking_uri(), os.environ.get(ENV)
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
     finally:
         mlflow.set_tracking_uri(previous)
+        if env is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = env
