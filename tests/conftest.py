@@ -178,6 +178,25 @@ def ray_head(tmp_path_factory):
     head.stop()
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid`, read from /proc (children, their children, ...)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # ended while being read
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class LoopbackCluster:
     """Several Ray nodes on this machine, all on 127.0.0.1: Ray's own `cluster_utils.Cluster`, whose nodes
     are separate raylets (their own processes, object stores and workers) joined to one head's GCS.
@@ -233,7 +252,19 @@ class LoopbackCluster:
         return node
 
     def kill(self, node) -> None:
-        """The node is lost: its raylet and every worker on it get SIGKILL, no grace."""
+        """The node is lost: its raylet and every process under it (its workers: trials, Train workers)
+        get SIGKILL at once, no grace. `remove_node` alone kills the raylet, and a worker would train
+        (and write checkpoints) for a few seconds more before it noticed, as no lost machine's does."""
+        import signal
+
+        from ray._private import ray_constants
+
+        raylet = node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+        for pid in [raylet, *descendants(raylet)]:  # found before the raylet dies and they are re-parented
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.cluster.remove_node(node, allow_graceful=False)
         self.nodes.remove(node)
 
