@@ -21,9 +21,9 @@ from lsep_tune.checkpoint import Checkpoint, load_checkpoint
 
 MODEL_NAME = "model"  # the model's name on its run: runs:/<run_id>/model
 CHECKPOINT = "checkpoint"  # the artifact key of ema_final.pt (which holds the config beside the weights)
-# What loading needs besides lsep_tune itself (installed from its repository, not from PyPI).
-ENV = "MLFLOW_TRACKING_URI"
+ENV = "MLFLOW_TRACKING_URI"  # MLflow's default store, which set_tracking_uri also writes
 CODE = Path(__file__).with_name("mlflow_model_code.py")  # models-from-code: the model is code, not a pickle
+# What loading needs besides lsep_tune itself (installed from its repository, not from PyPI).
 REQUIREMENTS = ("torch", "timm", "numpy", "pydantic", "pyyaml", "mlflow")
 
 

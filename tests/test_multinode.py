@@ -26,6 +26,28 @@ def checkpoint_steps(trial: Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[-1]) for p in trial.glob("checkpoints/step_*/state.pt"))
 
 
+def ends_as_the_uninterrupted_trial(out: Path, summary: dict, lost: str, kept: str) -> None:
+    """The interrupted trial `lost` ends as `kept`, the uninterrupted one of the same point and seed: the
+    same searched metric and final losses, each step once in its history and in MLflow, both runs FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    rows = {row["id"]: row for row in summary["trials"]}
+    runs = {t: json.loads((out / "trial_runs" / t / "summary.json").read_text()) for t in (lost, kept)}
+    assert rows[lost]["metric"] == pytest.approx(rows[kept]["metric"], rel=1e-5)
+    for key in ("final_loss", "final_flow_loss"):
+        if key in runs[kept]:
+            assert runs[lost][key] == pytest.approx(runs[kept][key], rel=1e-5), key
+    steps = [json.loads(line)["step"] for line in (out / "trial_runs" / lost / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(2, MAX_STEPS + 1, 2))  # the history holds each step once
+    client = MlflowClient(summary["mlflow_tracking_uri"])
+    children = client.search_runs([client.get_run(summary["mlflow_parent_run_id"]).info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_parent_run_id']}'")
+    assert len(children) == 2 and [c.info.status for c in children] == ["FINISHED"] * 2
+    for child in children:
+        steps = [m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")]
+        assert sorted(steps) == list(range(2, MAX_STEPS + 1, 2))  # no step twice, none missing
+
+
 def test_lost_node_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server, loopback_cluster):
     """Two one-worker trials on two nodes; one node is killed (SIGKILL, no grace) once both hold a
     checkpoint, and a replacement node joins: the interrupted trial starts again there from its latest
@@ -80,25 +102,10 @@ def test_lost_node_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server
     # Resumed from the latest checkpoint it had, on the replacement node: at most one interval lost.
     assert lost_run["start_step"] == ckpt_at_kill > 0 and step_at_kill - lost_run["start_step"] <= CKPT_EVERY
     assert kept_run["start_step"] == 0 and lost_run["final_step"] == kept_run["final_step"] == MAX_STEPS
-    assert rows[lost]["metric"] == pytest.approx(rows[kept]["metric"], rel=1e-5)
-    for key in ("final_loss", "final_flow_loss"):
-        if key in kept_run:
-            assert lost_run[key] == pytest.approx(kept_run[key], rel=1e-5), key
-    steps = [json.loads(line)["step"] for line in (out / "trial_runs" / lost / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(2, MAX_STEPS + 1, 2))  # the history holds each step once
+    ends_as_the_uninterrupted_trial(out, summary, lost, kept)
     print(f"\nrestart cost: {step_at_kill - lost_run['start_step']} steps lost "
           f"(step {step_at_kill} at the kill, resumed at {lost_run['start_step']}), "
           f"{restart_s if restart_s is None else round(restart_s, 1)} s from the kill back to step {step_at_kill}+")
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(mlflow_server.uri)
-    children = client.search_runs([client.get_run(summary["mlflow_parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_parent_run_id']}'")
-    assert len(children) == 2 and [c.info.status for c in children] == ["FINISHED"] * 2
-    for child in children:
-        steps = [m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")]
-        assert sorted(steps) == list(range(2, MAX_STEPS + 1, 2))  # no step twice, none missing
 
     import optuna
 
@@ -224,21 +231,6 @@ def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interv
     # the restarted worker group went on from the latest checkpoint: at most one interval lost
     assert 0 < lost_run["start_step"] and lost_run["start_step"] >= ckpt_at_kill
     assert step_at_kill - lost_run["start_step"] <= CKPT_EVERY and kept_run["start_step"] == 0
-    assert rows[trial]["metric"] == pytest.approx(rows[kept]["metric"], rel=1e-5)
-    for key in ("final_loss", "final_flow_loss"):
-        if key in kept_run:
-            assert lost_run[key] == pytest.approx(kept_run[key], rel=1e-5), key
-    steps = [json.loads(line)["step"] for line in (out / "trial_runs" / trial / "metrics.jsonl").read_text().splitlines()]
-    assert steps == list(range(2, MAX_STEPS + 1, 2))  # the history holds each step once
+    ends_as_the_uninterrupted_trial(out, summary, trial, kept)
     print(f"\nworker restart cost: {step_at_kill - lost_run['start_step']} steps lost "
           f"(step {step_at_kill} at the kill, resumed at {lost_run['start_step']})")
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(mlflow_server.uri)
-    children = client.search_runs([client.get_run(summary["mlflow_parent_run_id"]).info.experiment_id],
-                                  filter_string=f"tags.`mlflow.parentRunId` = '{summary['mlflow_parent_run_id']}'")
-    assert len(children) == 2 and [c.info.status for c in children] == ["FINISHED"] * 2
-    for child in children:
-        assert sorted(m.step for m in client.get_metric_history(child.info.run_id, "flow_loss")) == \
-            list(range(2, MAX_STEPS + 1, 2))

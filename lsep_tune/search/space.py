@@ -323,7 +323,6 @@ class SearchSpace:
             field, message = problem(err, noun, tag, model if isinstance(model, type) else None)
             self._fail(".".join(p for p in (where, field if field != "<root>" else "") if p) or "<root>", message)
 
-
     def _portable_base(self) -> dict[str, Any]:
         """The base as the dump names it: a base config file by its absolute path, so that the dump in a
         search's folder (what --resume reloads) finds it wherever the folder is read from."""
