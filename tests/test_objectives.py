@@ -8,7 +8,7 @@ from lsep_tune.objectives import Draws
 from lsep_tune.objectives.flow import flow_loss, interpolant, make_flow_batch
 from lsep_tune.objectives.lsep import LSEP, crop_window_mask, step_weights
 from lsep_tune.objectives.sra import alignment_loss
-from lsep_tune.train.loop import build_objective
+from lsep_tune.train.step import build_objective
 
 
 def draws(n, step=0, seed=0):
@@ -338,7 +338,7 @@ def test_heads_start_xavier_with_zero_biases_unless_asked_otherwise():
 def test_ema_first_update_decays_from_the_initial_weights():
     from timm.utils import ModelEmaV3
 
-    from lsep_tune.train.loop import ema_step
+    from lsep_tune.train.step import ema_step
 
     model = torch.nn.Linear(3, 3)
     init = copy.deepcopy(model.state_dict())

@@ -124,7 +124,7 @@ def test_in_training_evaluation_uses_common_random_numbers(digits_cfg):
     so the same weights give the same numbers; the report carries the FID's uncertainty."""
     import torch
 
-    from lsep_tune.train.loop import build_objective
+    from lsep_tune.train.step import build_objective
     from lsep_tune.evaluation.in_training import evaluate_samples
 
     cfg = digits_cfg.model_copy(update={"sampling": digits_cfg.sampling.model_copy(update={"steps": 2})})

@@ -7,8 +7,10 @@ import torch
 
 from lsep_tune.config import load_config
 from lsep_tune.objectives import Draws
-from lsep_tune.train.context import LocalContext
-from lsep_tune.train.loop import MetricWindow, Training, TrainingDiverged, build_objective, train_loop
+from lsep_tune.train.context import LocalContext, TrainContext
+from lsep_tune.train.loop import train_loop
+from lsep_tune.train.metrics import MetricWindow, TrainingDiverged
+from lsep_tune.train.step import Training, build_objective
 
 TINY = ["model.name=SiT-Tiny/2", "objective.lsep.encoder_depth=2", "sampling.steps=2", "sampling.grid_images=10"]
 
@@ -35,6 +37,16 @@ def loss_and_grads(reuse: bool, x, y):
     loss.backward()
     grads = {n: p.grad.clone() for n, p in objective.named_parameters() if p.grad is not None}
     return loss.detach(), metrics, grads, probe_batches
+
+
+def test_the_in_process_contexts_are_train_contexts(tmp_path):
+    """The loop reads its context's members directly (no getattr defaults): each context has them all.
+    RayContext, which needs a Ray Train worker, is covered by the distributed tests running the loop."""
+    from lsep_tune.train.tune_context import TuneContext
+
+    assert isinstance(LocalContext(tmp_path / "a", keep_checkpoints=1, device="cpu"), TrainContext)
+    assert isinstance(TuneContext(tmp_path / "b", keep_checkpoints=1, device="cpu"), TrainContext)
+    assert not isinstance(object(), TrainContext)
 
 
 def test_lsep_reuse_keeps_loss_and_every_gradient():

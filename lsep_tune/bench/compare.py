@@ -19,7 +19,7 @@ from lsep_tune.bench.train import StepTimer, bench_config, build_training, synth
 from lsep_tune.cluster import start_local_ray
 from lsep_tune.config import validate
 from lsep_tune.train.distributed import RayContext, RunPaths
-from lsep_tune.train.loop import Training
+from lsep_tune.train.step import Training
 
 
 def ray_worker(payload: dict) -> None:

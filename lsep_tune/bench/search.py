@@ -1,7 +1,7 @@
 """`bench search`: run a search with the project's own CLI and say where its trial slots went.
 
 Each trial's loop reports wall seconds by stage (time_startup_s, time_train_s, time_eval_s,
-time_checkpoint_s, time_report_s: see train.loop.StageClock) with every result; Tune adds the
+time_checkpoint_s, time_report_s: see train.metrics.StageClock) with every result; Tune adds the
 trial's own wall time (time_total_s). A trial's slot time is its time_total_s; what the loop did
 not account for is start-up outside the loop (the trial's Ray Train worker group, imports, data).
 The shares are of the summed slot time of all trials; the capacity view (search wall x slots)

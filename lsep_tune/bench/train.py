@@ -1,4 +1,4 @@
-"""`bench train`: time the project's own training step (train.loop.Training) on synthetic latents.
+"""`bench train`: time the project's own training step (train.step.Training) on synthetic latents.
 
 Steps are timed after warm-up without adding a host sync: on a GPU each step records a CUDA event
 and the durations are read after the last one; on a CPU the step is synchronous anyway. The
@@ -23,7 +23,7 @@ from lsep_tune.data.base import ArrayDataset
 from lsep_tune.errors import InputError
 from lsep_tune.objectives import REGULARIZERS
 from lsep_tune.train.context import LocalContext
-from lsep_tune.train.loop import Training
+from lsep_tune.train.step import Training
 
 
 def parse_regularizers(text: str) -> tuple[str, ...]:

@@ -30,7 +30,7 @@ from lsep_tune.search.schema import (
     PARAM, SCHEDULER, SEARCHER, ConfirmConfig, Metric, SpaceFile, contains, problem, same, suggest,
 )
 from lsep_tune.search.searcher import make_sampler
-from lsep_tune.train.loop import LOOP_METRICS
+from lsep_tune.train.metrics import LOOP_METRICS
 
 # Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
 SPACES_DIR = Path(str(resources.files("lsep_tune.search_spaces"))).resolve()

@@ -162,7 +162,7 @@ def _train_in(args: argparse.Namespace, ray_session: cli.RaySession) -> int:
     (output / "run.json").write_text(json.dumps(record, indent=2) + "\n")
 
     from lsep_tune.tracking import RunTracker, ui_command
-    from lsep_tune.train.loop import TrainingDiverged
+    from lsep_tune.train.metrics import TrainingDiverged
 
     try:
         if paths is None:
@@ -198,7 +198,7 @@ def run_in_process(cfg, output: Path, args, uri: str, run_id: str) -> dict:
 
 def run_on_ray(cfg, placement, paths) -> dict:
     from lsep_tune.train.distributed import build_trainer, divergence
-    from lsep_tune.train.loop import TrainingDiverged
+    from lsep_tune.train.metrics import TrainingDiverged
 
     result = build_trainer(cfg, placement, paths).fit()
     diverged = divergence(paths.output)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn as nn
@@ -17,11 +18,50 @@ from lsep_tune import checkpoint as ckpt
 from lsep_tune.cluster import local_device
 
 
+class StepCallback(Protocol):
+    """What rank 0 hands a run's metrics and files to besides the context (tracking.RunTracker)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class TrainContext(Protocol):
+    """The loop's whole view of where it runs (`LocalContext`, `TuneContext`, `distributed.RayContext`)."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    output_dir: Path  # the run folder: config, metrics, samples, summary (rank 0 writes them)
+    progress: bool  # a tqdm bar on rank 0
+    echo_steps: bool  # without the bar, a line per logged step on rank 0
+    callbacks: list[StepCallback]
+
+    def prepare(self, module: nn.Module) -> nn.Module:
+        """The module on this rank's device, wrapped for data parallelism where there are several."""
+
+    def all_reduce_mean(self, tensor: torch.Tensor) -> torch.Tensor: ...
+
+    def all_gather(self, obj) -> list: ...
+
+    def resume_state(self) -> dict | None:
+        """The training state of the checkpoint to continue from, if any."""
+
+    def report(self, metrics: dict[str, float], step: int, state: dict | None = None) -> str | None:
+        """Record metrics at `step`; with `state`, also write a checkpoint and return its folder."""
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+
+
 class LocalContext:
     """One process, no Ray: checkpoints in OUTPUT/checkpoints, metrics in OUTPUT/metrics.jsonl."""
 
     rank = 0
     world_size = 1
+    echo_steps = True
 
     def __init__(self, output_dir: str | Path, keep_checkpoints: int, device: str | None = None,
                  resume_from: str | Path | None = None, progress: bool | None = None):
@@ -32,7 +72,7 @@ class LocalContext:
         self.resume_from = Path(resume_from) if resume_from else None
         self.progress = sys.stderr.isatty() if progress is None else progress
         self.metrics_file = self.output_dir / "metrics.jsonl"
-        self.callbacks: list = []  # objects with log_metrics(metrics, step) / log_artifact(path) / close()
+        self.callbacks: list[StepCallback] = []
 
     @property
     def checkpoint_root(self) -> Path:

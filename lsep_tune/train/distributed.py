@@ -20,7 +20,9 @@ from lsep_tune import checkpoint as ckpt
 from lsep_tune.cluster import Placement
 from lsep_tune.config import Config, validate
 from lsep_tune.tracking import RunTracker
-from lsep_tune.train.loop import TrainingDiverged, train_loop
+from lsep_tune.train.context import StepCallback
+from lsep_tune.train.loop import train_loop
+from lsep_tune.train.metrics import TrainingDiverged
 
 
 DIVERGED_KEY = "diverged"  # reported (= 1.0) by a run whose loss became non-finite
@@ -59,8 +61,8 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.paths = paths
         self.output_dir = Path(paths.output)
-        self.progress = False
-        self.callbacks: list = []
+        self.progress, self.echo_steps = False, True
+        self.callbacks: list[StepCallback] = []
         if self.rank == 0 and paths.mlflow_uri and paths.mlflow_run_id:
             self.callbacks.append(RunTracker(paths.mlflow_uri, paths.mlflow_run_id))
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from lsep_tune.tracking import RunTracker
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.distributed import DIVERGED_FILE, DIVERGED_KEY
-from lsep_tune.train.loop import TrainingDiverged, train_loop
+from lsep_tune.train.loop import train_loop
+from lsep_tune.train.metrics import TrainingDiverged
 
 
 class TuneContext(LocalContext):
