@@ -156,17 +156,37 @@ class RayHead:
                               env=self.env, capture_output=True, text=True, timeout=timeout)
         return done.returncode, done.stdout + done.stderr
 
+    @property
+    def address(self) -> str:
+        """The GCS address a driver connects to (`--address`)."""
+        return f"127.0.0.1:{self.gcs_port}"
+
+    def kill(self) -> None:
+        """The head machine is lost: `ray start` and every process under it (GCS, raylet, dashboard,
+        workers and the trials on them) get SIGKILL at once, found before any is re-parented."""
+        import os
+        import signal
+
+        for pid in [self.proc.pid, *descendants(self.proc.pid)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.wait()
+
     def stop(self) -> None:
         import os
         import shutil
         import signal
 
         if self.proc.poll() is None:
+            # SIGTERM lets the nodes' processes end in order; `ray start --block` itself then waits on
+            # some that never exit (Ray 2.60: 30 s measured without an end), so what is left gets SIGKILL
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=5)
             except Exception:
-                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.kill()
         self.log.close()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -176,6 +196,20 @@ def ray_head(tmp_path_factory):
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
     yield head
     head.stop()
+
+
+@pytest.fixture
+def ray_heads(tmp_path_factory):
+    """Start `ray start` heads on demand (`ray_heads(num_cpus=2)`): a test that loses one starts another."""
+    heads = []
+
+    def start(num_cpus: int = 3) -> RayHead:
+        heads.append(RayHead(tmp_path_factory.mktemp("ray-head"), num_cpus=num_cpus))
+        return heads[-1]
+
+    yield start
+    for head in heads:
+        head.stop()
 
 
 def descendants(pid: int) -> list[int]:

@@ -175,19 +175,22 @@ def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path,
 
 
 @pytest.mark.slow
-def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
-    """SIGKILL the search (driver and its local Ray) mid-search, then --resume it, tracked on a real
+def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads):
+    """The search's driver and the Ray head it runs on (a `ray start` cluster) die together mid-search,
+    SIGKILL, no grace: `--resume` on the same folder against a new head finishes it, tracked on a real
     `mlflow server`."""
     space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
                         scheduler={"type": "none"}, report_every=10)
     out = tmp_path / "search"
     cmd = [sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out),
            "--mlflow-uri", mlflow_server.uri]
+    head = ray_heads(num_cpus=2)
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=tmp_path)
+    proc = subprocess.Popen(cmd + ["--address", head.address], stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=tmp_path, env=head.env)
     # Kill once the first trial has finished and the second has written a checkpoint that Tune's saved
-    # experiment state knows of (a trial started after Tune's last save is new to a resumed search:
-    # it starts over under a new id, its checkpoint unused).
+    # experiment state knows of (a trial started after Tune's last save is new to a resumed search: it
+    # starts over under a new id, its checkpoint unused).
     deadline = time.time() + 400
     while time.time() < deadline:
         done = list(out.glob("trial_runs/*/summary.json"))
@@ -203,11 +206,14 @@ def test_resume_after_killing_the_driver(tmp_path, mlflow_server):
     else:
         pytest.fail("the search did not get far enough to be killed")
     os.killpg(proc.pid, signal.SIGKILL)
+    head.kill()
     proc.wait()
     first_done = {p.parent.name: p.stat().st_mtime for p in out.glob("trial_runs/*/summary.json")}
     assert not (out / "summary.json").exists()
 
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    new_head = ray_heads(num_cpus=2)
+    resumed = subprocess.run(cmd + ["--resume", "--address", new_head.address], capture_output=True, text=True,
+                             timeout=600, cwd=tmp_path, env=new_head.env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["trials"]) == 3 and all(t["status"] == "completed" for t in summary["trials"])
