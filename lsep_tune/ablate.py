@@ -18,7 +18,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, ValidationError, field_validator
 
@@ -28,6 +28,8 @@ from lsep_tune.schema import StrictModel
 
 # The library half (stats: scipy; config and space: torch; confirm: Ray) is imported by the functions
 # that use it, so `python -m lsep_tune.ablate` answers --help and a bad flag before any of them loads.
+if TYPE_CHECKING:
+    from lsep_tune.search.arms import Arm
 
 
 class AblationBudget(StrictModel):
@@ -99,7 +101,7 @@ def load_ablation(name_or_path: str, seeds: int | None = None, max_steps: int | 
     if max_steps is not None and max_steps < 1:
         raise InputError("max_steps", max_steps, "expected a positive integer")
     from lsep_tune.config import explain, flatten, load_base, read_yaml, set_path, validate  # torch: see the note at the imports
-    from lsep_tune.search.confirm import Arm
+    from lsep_tune.search.arms import Arm
     from lsep_tune.search.space import reported_metrics
 
     path = resolve_arms_file(name_or_path)
@@ -160,7 +162,7 @@ def _fmt(v: float) -> str:
 def write_tables(values: dict[str, dict[str, list[float]]], seeds: list[int], output: Path,
                  title: str = "") -> dict[str, Path]:
     """table.md, table.csv (per metric and arm), values.csv (per seed) and bars.png."""
-    from lsep_tune.search.confirm import bar_chart  # Ray: see the note at the imports
+    from lsep_tune.search.arms import bar_chart  # Ray: see the note at the imports
 
     output.mkdir(parents=True, exist_ok=True)
     rows = table_rows(values)
@@ -200,7 +202,7 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
     """Train arms x seeds (Ray must be connected), write the tables, log everything to MLflow."""
     from lsep_tune import tracking
     from lsep_tune.config import flatten  # torch and Ray: see the note at the imports
-    from lsep_tune.search.confirm import metric_key, run_arms, values_of
+    from lsep_tune.search.arms import metric_key, run_arms, values_of
     from lsep_tune.search.trials import SearchPaths
 
     started = time.time()

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from lsep_tune.errors import InputError
-from lsep_tune.search.confirm import ROLE_TAG, ConfirmConfig, confirm_search, top_configurations
+from lsep_tune.search.arms import ROLE_TAG
+from lsep_tune.search.confirm import ConfirmConfig, confirm_search, top_configurations
 from lsep_tune.search.space import SearchSpace, SpaceError
 from lsep_tune.stats import NO_DIFFERENCE
 

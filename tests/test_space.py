@@ -56,6 +56,20 @@ def test_shipped_space_validates(name):
     assert smoke.budget.max_steps == 40 and smoke.budget.num_samples == 3
 
 
+def test_a_trial_gets_the_trial_builder_not_the_space():
+    """What Tune pickles into every trial: base config data, the params' domains and the resources; it
+    builds the same configs as the space and refuses a value outside a domain the same way."""
+    space = load_space("digits")
+    builder = pickle.loads(pickle.dumps(space.trials))
+    assert set(vars(builder)) == {"source", "base_data", "params", "resources"}
+    assert builder.resources == space.resources
+    for point in space.points_to_evaluate:
+        assert builder.trial_config(point) == space.trial_config(point)
+    with pytest.raises(SpaceError, match="outside the domain"):
+        builder.trial_config({"objective.lsep.uncond_prob": 7.0})
+    assert len(pickle.dumps(builder)) < len(pickle.dumps(space)) / 2
+
+
 def test_paper_points_first():
     xl_space = load_space("lsep-sit-xl2-imagenet256")
     xl = xl_space.trial_config(xl_space.points_to_evaluate[0])

@@ -25,7 +25,8 @@ from lsep_tune.cluster import trial_resources
 from lsep_tune.config import dump_config, flatten
 from lsep_tune.data import identity as data_identity
 from lsep_tune.search import report
-from lsep_tune.search.confirm import ARM_TAG, ROLE_TAG, SEED_TAG, confirm_search
+from lsep_tune.search.arms import ARM_TAG, ROLE_TAG, SEED_TAG
+from lsep_tune.search.confirm import confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
@@ -211,7 +212,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
     # costs a few ms per save at this size.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
 
-    trainable = tune.with_resources(tune.with_parameters(trial_main, space=space, paths=paths),
+    trainable = tune.with_resources(tune.with_parameters(trial_main, builder=space.trials, paths=paths),
                                     trial_resources(space.resources) if resources is None else resources)
     tune_path = paths.tune_root / "search"
     if resume and tune.Tuner.can_restore(str(tune_path)):
@@ -233,7 +234,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                                       # a trial whose process died (a lost node) starts again, up to max_failures
                                       # times, and resumes from the checkpoints in its folder
                                       failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
-                                      callbacks=[TrialRuns(paths, space), *callbacks],
+                                      callbacks=[TrialRuns(paths, space.trials), *callbacks],
                                       progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps
         )

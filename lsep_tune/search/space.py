@@ -126,6 +126,33 @@ def probes(param) -> list[tuple[str, Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class SearchTrials:
+    """A search's trial builder (`search.trials.TrialBuilder`): the base config's data, the searched
+    params' domains and what a trial asks of the cluster. Tune hands it to every trial, so it holds
+    nothing else of the space (no searcher, scheduler, points or confirmation)."""
+
+    source: str
+    base_data: dict[str, Any]
+    params: dict[str, Any]  # dotted field -> its schema.PARAM model (domain, conditions)
+    resources: TrialResources
+
+    def trial_config(self, params: Mapping[str, Any]) -> Config:
+        """Base config + sampled dotted values -> a validated Config (SpaceError if it is not valid)."""
+        data = copy.deepcopy(self.base_data)
+        for key, value in params.items():
+            if key not in self.params:
+                _fail(self.source, f"trial params.{key}", f"not a searched param (searched: {', '.join(self.params)})")
+            if not contains(self.params[key].distribution, value):
+                domain = describe(self.params[key])
+                _fail(self.source, f"trial params.{key}", f"{_show(value)} is outside the domain {domain}")
+            set_path(data, key, value)
+        try:
+            return validate(data, f"{self.source} (trial)")
+        except InputError as err:
+            raise SpaceError(err.source, err.field, err.expectation) from None
+
+
 class SearchSpace:
     """A validated search space: base config, searched params, metric, searcher, scheduler, budget."""
 
@@ -207,18 +234,12 @@ class SearchSpace:
 
     def trial_config(self, params: Mapping[str, Any]) -> Config:
         """Base config + sampled dotted values -> a validated Config (SpaceError if it is not valid)."""
-        data = copy.deepcopy(self._base_data)
-        for key, value in params.items():
-            if key not in self.params:
-                _fail(self.source, f"trial params.{key}", f"not a searched param (searched: {', '.join(self.params)})")
-            if not contains(self.params[key].distribution, value):
-                domain = describe(self.params[key])
-                _fail(self.source, f"trial params.{key}", f"{_show(value)} is outside the domain {domain}")
-            set_path(data, key, value)
-        try:
-            return validate(data, f"{self.source} (trial)")
-        except InputError as err:
-            raise SpaceError(err.source, err.field, err.expectation) from None
+        return self.trials.trial_config(params)
+
+    @property
+    def trials(self) -> SearchTrials:
+        """What a trial of this search needs of the space, and no more: what crosses to every trial."""
+        return SearchTrials(self.source, self._base_data, self.params, self.resources)
 
     def sampler(self):
         """A fresh Optuna sampler for this space's searcher (samplers hold state: one per study)."""

@@ -2,6 +2,7 @@
 
 `trial_main` is the function Tune runs for one trial; `TrialRuns` is the driver's side of the
 trials' MLflow runs (made when a trial starts, ended in the state it reached). Both take the run's
+`TrialBuilder` (a search's `space.SearchTrials`, or `arms.ArmTrials` for fixed arms x seeds) and its
 `SearchPaths`: where its files, its Tune and Ray storage and its MLflow parent run are.
 """
 from __future__ import annotations
@@ -10,19 +11,38 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Protocol
 
 from ray import tune
 from ray.tune import Callback, CLIReporter
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from lsep_tune import tracking
+from lsep_tune.cluster import TrialResources
+from lsep_tune.config import Config
 from lsep_tune.data import identity as data_identity
 from lsep_tune.search.searcher import STUDY_NAME
 from lsep_tune.search.storage import default_storage
 from lsep_tune.train.distributed import RunPaths, build_trainer, divergence
+from lsep_tune.train.metrics import TrainingDiverged
 from lsep_tune.train.tune_context import run_in_trial
 
 TRIAL_ID_TAG = "lsep_tune.trial_id"
+
+
+class TrialBuilder(Protocol):
+    """What a trial is made from: its Tune config -> the Config it trains, and what it asks of the
+    cluster. Tune pickles it into every trial, so it carries only that."""
+
+    resources: TrialResources
+
+    def trial_config(self, tune_config: Mapping[str, Any]) -> Config: ...
+
+
+class RoleTrialBuilder(TrialBuilder, Protocol):
+    """A builder for runs with a role (confirmation, ablation): their MLflow runs get its tags too."""
+
+    def run_tags(self, tune_config: Mapping[str, Any], role: str) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -84,23 +104,26 @@ def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: i
     return run_id
 
 
-def trial_main(params: dict, space=None, paths: SearchPaths = None) -> None:
-    """One Tune trial of the space's config with `params` applied: a one-worker trial runs the training
-    loop in this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
+def trial_main(params: dict, builder: TrialBuilder, paths: SearchPaths) -> None:
+    """One Tune trial of the builder's config for `params`: a one-worker trial runs the training loop in
+    this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
     trial_id = tune.get_context().get_trial_id()
-    cfg = space.trial_config(params)
+    cfg = builder.trial_config(params)
     run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
     out = paths.output.resolve() / "trial_runs" / trial_id
     out.mkdir(parents=True, exist_ok=True)
     if divergence(out):  # Tune retried a trial that diverged: it would only diverge again
         raise TrialDiverged(f"trial {trial_id} diverged: {divergence(out)['error']}")
-    if space.resources.workers == 1:  # nothing to coordinate: train here, no worker group to start
-        run_in_trial(cfg, out, paths.mlflow_uri, run_id)
-    else:
-        run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
-                             mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
-        build_trainer(cfg, space.resources, run_paths, callbacks=[TuneReportCallback()]).fit()
-    diverged = divergence(out)
+    if builder.resources.workers == 1:  # nothing to coordinate: train here, no worker group to start
+        try:
+            run_in_trial(cfg, out, paths.mlflow_uri, run_id)
+        except TrainingDiverged as err:
+            raise TrialDiverged(f"trial {trial_id} diverged: {err}") from err
+        return
+    run_paths = RunPaths(output=str(out), storage=str(paths.ray_storage), name=trial_id,
+                         mlflow_uri=paths.mlflow_uri, mlflow_run_id=run_id, resume=True)
+    build_trainer(cfg, builder.resources, run_paths, callbacks=[TuneReportCallback()]).fit()
+    diverged = divergence(out)  # the worker group's rank 0 left it: the workers report, they do not raise
     if diverged:
         raise TrialDiverged(f"trial {trial_id} diverged: {diverged['error']}")
 
@@ -109,13 +132,13 @@ class TrialDiverged(RuntimeError):
     """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
 
 
-def open_trial_run(paths: SearchPaths, trial_id: str, space, tune_config: dict, number: int | str,
+def open_trial_run(paths: SearchPaths, trial_id: str, builder: TrialBuilder, tune_config: dict, number: int | str,
                    role: str | None = None) -> str:
     """The trial's nested MLflow run, made (or found again); a confirmation's or an ablation's (`role`)
-    also gets the tags its space gives it (`space.run_tags`: role, arm, seed and its name)."""
-    run_id = child_run_id(paths, trial_id, space.trial_config(tune_config), tune_config, number)
+    also gets the tags its builder gives it (`RoleTrialBuilder.run_tags`: role, arm, seed and its name)."""
+    run_id = child_run_id(paths, trial_id, builder.trial_config(tune_config), tune_config, number)
     if role:
-        tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(space.run_tags(tune_config, role))
+        tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(builder.run_tags(tune_config, role))
     return run_id
 
 
@@ -123,11 +146,11 @@ class TrialRuns(Callback):
     """The driver's side of the trials' MLflow runs, for every role (search, confirmation, ablation):
     each is made when its trial starts, named by its place in the run, and ended in the state the trial
     reached: FINISHED when it trained to the end (its config's run.max_steps), KILLED when the scheduler
-    (or the time budget) stopped it, FAILED on error. `space` turns a Tune config into the trial's
-    Config (`trial_config`)."""
+    (or the time budget) stopped it, FAILED on error. `builder` turns a Tune config into the trial's
+    Config (`trial_config`); with a `role`, it is a `RoleTrialBuilder`."""
 
-    def __init__(self, paths: SearchPaths, space, role: str | None = None):
-        self.paths, self.space, self.role = paths, space, role
+    def __init__(self, paths: SearchPaths, builder: TrialBuilder, role: str | None = None):
+        self.paths, self.builder, self.role = paths, builder, role
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial whose process died (its node lost) is started again by Tune; count it on disk, where a
@@ -136,14 +159,14 @@ class TrialRuns(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         try:
-            open_trial_run(self.paths, trial.trial_id, self.space, trial.config, trials.index(trial) + 1, self.role)
+            open_trial_run(self.paths, trial.trial_id, self.builder, trial.config, trials.index(trial) + 1, self.role)
         except Exception as err:  # tracking never stops a search; the trial makes its run itself
             which = f"{self.role} trial" if self.role else "trial"
             print(f"warning: could not make the MLflow run of {which} {trial.trial_id} ({type(err).__name__}: {err})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        max_steps = self.space.trial_config(trial.config).run.max_steps
+        max_steps = self.builder.trial_config(trial.config).run.max_steps
         end_run(self.paths, trial.trial_id, "FINISHED" if step >= max_steps else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):

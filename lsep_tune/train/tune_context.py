@@ -39,9 +39,9 @@ class TuneContext(LocalContext):
         return folder
 
 
-def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict | None:
-    """Train `cfg` inside the current Tune trial; on divergence leave diverged.json (as Ray Train
-    runs do) and report it, so the caller's `divergence(output)` check works unchanged."""
+def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_run_id: str | None = None) -> dict:
+    """Train `cfg` inside the current Tune trial. On divergence it leaves diverged.json (as Ray Train
+    runs do: a retry of the trial finds it and does not train again), reports it, and raises."""
     from ray import tune
 
     ctx = TuneContext(output, cfg.run.keep_checkpoints)  # the local device: cuda where Tune gave a GPU
@@ -53,6 +53,6 @@ def run_in_trial(cfg, output: str | Path, mlflow_uri: str | None = None, mlflow_
         record = {DIVERGED_KEY: 1.0, "step": err.step, "error": str(err)}
         (Path(output) / DIVERGED_FILE).write_text(json.dumps(record) + "\n")
         tune.report(record)
-        return None
+        raise
     finally:
         ctx.close()
