@@ -52,62 +52,85 @@ def child_runs(summary: dict):
     return client, parent, children
 
 
-@pytest.mark.slow
-def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, mlflow_server, ray_head):
-    """A search submitted with `ray job submit` to a cluster started by `ray start`, as a user runs one:
-    every state a run can end in (FINISHED, KILLED by ASHA, FAILED), its final_* and the parent's
-    best_* metrics, read back from a real `mlflow server`."""
-    points = [
-        GOOD,
-        {"optim.lr": 1e-3},
-        {"optim.lr": 1e-8},  # deliberately bad: it barely learns, so ASHA stops it at a rung
-        {"optim.lr": 1e4},  # diverges: a failed trial, and the search goes on
-    ]
+SMOKE_POINTS = [
+    GOOD,
+    {"optim.lr": 1e-3},
+    {"optim.lr": 1e-8},  # deliberately bad: it barely learns, so ASHA stops it at a rung
+    {"optim.lr": 1e4},  # diverges: a failed trial, and the search goes on
+]
+
+
+@pytest.fixture(scope="module")
+def submitted(tmp_path_factory, mlflow_server):
+    """One search submitted with `ray job submit` to a cluster started by `ray start`, as a user runs one,
+    tracked on a real `mlflow server`: the tests below each read one property of it back. Its 4 trials
+    end in every state a run can end in (FINISHED, KILLED by ASHA, FAILED on divergence)."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from tests.conftest import RayHead
+
+    root = tmp_path_factory.mktemp("submitted")
     # A small final evaluation after the last step: its final_* metrics must reach MLflow.
-    space = write_space(tmp_path / "space.yaml", points, num_samples=4, max_concurrent=2,
+    space = write_space(root / "space.yaml", SMOKE_POINTS, num_samples=4, max_concurrent=2,
                         overrides={"run.final_eval_samples": 20})
-    out = tmp_path / "search"
-    rc, printed = ray_head.submit(sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output",
+    out = root / "search"
+    head = RayHead(root, num_cpus=3)
+    try:
+        rc, printed = head.submit(sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output",
                                   str(out), "--mlflow-uri", mlflow_server.uri)
+    finally:
+        head.stop()  # the rerun of best.yaml below starts its own local Ray
     assert rc == 0, printed[-3000:]
-    assert "succeeded" in printed
-    ray_head.stop()  # the rerun of best.yaml below starts its own local Ray
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["ray_address"].endswith(f":{ray_head.gcs_port}")  # it joined that cluster
+    client, parent, children = child_runs(summary)
+    return SimpleNamespace(
+        root=root, out=out, head=head, printed=printed, summary=summary, client=client, parent=parent,
+        children=children, trials={t["params"]["optim.lr"]: t for t in summary["trials"]},
+        by_lr={float(c.data.params["optim.lr"]): c for c in children},
+        study=optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"]))
+
+
+@pytest.mark.slow
+def test_a_submitted_search_joins_the_cluster_and_prints_where_to_look(submitted, mlflow_server):
+    summary, printed = submitted.summary, submitted.printed
+    assert "succeeded" in printed
+    assert summary["ray_address"].endswith(f":{submitted.head.gcs_port}")  # it joined that cluster
     assert summary["mlflow_tracking_uri"] == mlflow_server.uri
-    trials = {t["params"]["optim.lr"]: t for t in summary["trials"]}
-    assert len(summary["trials"]) == 4
-    assert trials[1e4]["status"] == "failed" and "diverged" in trials[1e4]["error"]
-    assert trials[1e-8]["status"] == "stopped" and trials[1e-8]["step"] < 40
-    assert {trials[2e-3]["status"], trials[1e-3]["status"]} <= {"completed", "stopped"}
-    assert summary["best_params"]["optim.lr"] in (2e-3, 1e-3)
     # the printed line opens the experiment on its runs table (MLflow 3 would open on its GenAI overview)
     assert summary["mlflow_runs_url"].startswith(f"{mlflow_server.uri}/#/experiments/")
     assert f"open {summary['mlflow_runs_url']} in a browser" in printed
     assert "best flow_loss" in printed
 
-    # One parent run, one nested child run per trial, with the trial's params and curves.
-    client, parent, children = child_runs(summary)
+
+@pytest.mark.slow
+def test_every_trial_ends_in_its_state_and_a_diverged_one_fails(submitted):
+    summary, trials = submitted.summary, submitted.trials
+    assert len(summary["trials"]) == 4
+    assert trials[1e4]["status"] == "failed" and "diverged" in trials[1e4]["error"]
+    assert trials[1e-8]["status"] == "stopped" and trials[1e-8]["step"] < 40
+    assert {trials[2e-3]["status"], trials[1e-3]["status"]} <= {"completed", "stopped"}
+    assert summary["best_params"]["optim.lr"] in (2e-3, 1e-3)
+
+
+@pytest.mark.slow
+def test_one_nested_mlflow_run_per_trial_with_its_params_curves_and_name(submitted):
+    client, parent, children = submitted.client, submitted.parent, submitted.children
     assert len(children) == 4
     assert {c.data.params["optim.lr"] for c in children} == {str(v) for v in (2e-3, 1e-3, 1e-8, 1e4)}
-    failed = [c for c in children if c.data.params["optim.lr"] == str(1e4)]
-    assert failed[0].info.status == "FAILED"
-    good = [c for c in children if c.data.params["optim.lr"] == str(2e-3)][0]
-    assert len(client.get_metric_history(good.info.run_id, "flow_loss")) >= 2
-    parent_artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
-    assert {"best.yaml", "space.yaml", "summary.json", "plots"} <= parent_artifacts
-    plots = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
+    assert len(client.get_metric_history(submitted.by_lr[2e-3].info.run_id, "flow_loss")) >= 2
+    # Names a person reads: the trial's number and its searched values; the search's name once.
+    assert parent.info.run_name == "search"
+    assert sorted(c.info.run_name.split(":")[0] for c in children) == [f"trial {i}" for i in range(1, 5)]
+    assert all("lr=" in c.info.run_name and "uncond_prob=" in c.info.run_name for c in children)
 
-    # The Optuna study in its RDB storage: the diverged trial was told to the searcher as the worst value.
-    import optuna
 
-    study = optuna.load_study(study_name=summary["optuna_study"], storage=summary["optuna_storage"])
-    values = {t.params["optim.lr"]: t.value for t in study.trials}
-    assert values[1e4] == 1e12 and values[2e-3] < values[1e-8] < 1e12
-
-    # Every run ended in the state its trial reached, with an end time; none is left RUNNING.
-    by_lr = {float(c.data.params["optim.lr"]): c for c in children}
+@pytest.mark.slow
+def test_every_mlflow_run_ends_in_the_state_its_trial_reached(submitted):
+    """FAILED (diverged), KILLED (stopped by ASHA), FINISHED (trained to the end, with its final_*
+    metrics), each with an end time; none is left RUNNING; the parent has its best_* metric."""
+    by_lr, trials, children, parent = submitted.by_lr, submitted.trials, submitted.children, submitted.parent
     assert by_lr[1e4].info.status == "FAILED"
     assert by_lr[1e-8].info.status == "KILLED"  # stopped by ASHA
     for lr in (2e-3, 1e-3):
@@ -116,13 +139,26 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     assert all(c.info.end_time for c in children) and parent.info.status == "FINISHED" and parent.info.end_time
     finished = [c for c in children if c.info.status == "FINISHED"]
     assert finished and all("final_fid" in c.data.metrics for c in finished)
-    assert parent.data.metrics["best_flow_loss"] == pytest.approx(summary["best_metric"])
-    # Names a person reads: the trial's number and its searched values; the search's name once.
-    assert parent.info.run_name == "search"
-    assert sorted(c.info.run_name.split(":")[0] for c in children) == [f"trial {i}" for i in range(1, 5)]
-    assert all("lr=" in c.info.run_name and "uncond_prob=" in c.info.run_name for c in children)
+    assert parent.data.metrics["best_flow_loss"] == pytest.approx(submitted.summary["best_metric"])
 
-    # Scheduler-stopped trials are PRUNED, their intermediate values keyed by training step.
+
+@pytest.mark.slow
+def test_the_parent_run_holds_the_search_files_and_plots(submitted):
+    client, parent = submitted.client, submitted.parent
+    assert {"best.yaml", "space.yaml", "summary.json", "plots"} <= {f.path for f in client.list_artifacts(parent.info.run_id)}
+    plots = {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"optimization_history.png", "parallel_coordinate.png"} <= plots
+
+
+@pytest.mark.slow
+def test_the_optuna_study_has_the_diverged_trial_worst_and_stopped_ones_pruned(submitted):
+    """The study in its RDB storage: the diverged trial told to the searcher as the worst value; the
+    scheduler-stopped trials PRUNED, their intermediate values keyed by training step."""
+    import optuna
+
+    study, summary, trials = submitted.study, submitted.summary, submitted.trials
+    values = {t.params["optim.lr"]: t.value for t in study.trials}
+    assert values[1e4] == 1e12 and values[2e-3] < values[1e-8] < 1e12
     pruned = [t for t in study.trials if t.state == optuna.trial.TrialState.PRUNED]
     assert sorted(t.params["optim.lr"] for t in pruned) == sorted(
         s["params"]["optim.lr"] for s in summary["trials"] if s["status"] == "stopped")
@@ -130,10 +166,13 @@ def test_smoke_search_nested_runs_early_stop_divergence_and_best_yaml(tmp_path, 
     assert sorted(stopped.intermediate_values) == list(range(5, trials[1e-8]["step"] + 1, 5))
     assert "proxy_validity" in summary  # needs three trials run to the end: none here
 
-    # best.yaml is a full config that the trainer reruns.
+
+@pytest.mark.slow
+def test_best_yaml_is_a_full_config_the_trainer_reruns(submitted):
     from lsep_tune.train.__main__ import main as train_main
 
-    assert train_main(["--config", str(out / "best.yaml"), "--max-steps", "2", "--output", str(tmp_path / "rerun")]) == 0
+    rerun = submitted.root / "rerun"
+    assert train_main(["--config", str(submitted.out / "best.yaml"), "--max-steps", "2", "--output", str(rerun)]) == 0
 
 
 @pytest.mark.slow
@@ -141,7 +180,7 @@ def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path,
     """A search with `confirm:`: the best trial and the baseline (the first point) are trained again
     on fresh seeds as nested runs of the search, summary.json holds the confirmation, best.yaml is its
     winner, and the console prints the verdict."""
-    from lsep_tune.search.confirm import ROLE_TAG
+    from lsep_tune.search.arms import ROLE_TAG
 
     space = write_space(tmp_path / "space.yaml", [{"optim.lr": 1e-8}, GOOD], num_samples=2, max_steps=20,
                         scheduler={"type": "none"}, report_every=10,
