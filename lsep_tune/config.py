@@ -20,7 +20,7 @@ from lsep_tune.models.sit import model_names, parse_model_name
 from lsep_tune.objectives import REGULARIZERS
 from lsep_tune.presets import preset_names
 from lsep_tune.sample.solvers import SOLVERS
-from lsep_tune.schema import FieldError, StrictModel, known
+from lsep_tune.schema import FieldError, StrictModel, explain, known
 
 
 class ModelConfig(StrictModel):
@@ -203,22 +203,6 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
-
-
-def explain(err: ValidationError, show_input: bool = True) -> tuple[str, str]:
-    """The dotted field a validation error blames, and what was expected there (with the value given,
-    unless `show_input` is false): for config files and arms files alike."""
-    first = err.errors()[0]
-    ctx_err = (first.get("ctx") or {}).get("error")
-    if isinstance(ctx_err, FieldError):
-        return ctx_err.field, str(ctx_err)
-    loc = ".".join(str(p) for p in first["loc"]) or "<root>"
-    msg = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        msg = "unknown field"
-    elif show_input and "input" in first and not isinstance(first["input"], dict) and first["type"] != "missing":
-        msg = f"{msg} (got {first['input']!r})"
-    return loc, msg
 
 
 def _input_error(source: str, err: ValidationError) -> InputError:

@@ -176,3 +176,16 @@ def test_the_checks_see_circles_and_upward_imports_inside_functions(tmp_path):
     assert upward(edges, floors) == ["toy.low.b (low) imports toy.top (top) inside a function"]
     (pkg / "low" / "a.py").write_text("def f():\n    return 1\n")
     assert cycles(imports(tmp_path, "toy")) == []
+
+
+def error_readers(root: Path, package: str) -> list[str]:
+    """The modules that read a pydantic ValidationError's entries (`err.errors()`): each one is a
+    translator of pydantic's wording into the one-line InputError."""
+    return sorted(name for name, path in modules(root, package).items()
+                  if any(isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute) and n.func.attr == "errors"
+                         for n in ast.walk(ast.parse(path.read_text(), str(path)))))
+
+
+def test_one_pydantic_error_translator():
+    """Config, space and arms files all word a validation error through lsep_tune.schema.explain."""
+    assert error_readers(ROOT, "lsep_tune") == ["lsep_tune.schema"]

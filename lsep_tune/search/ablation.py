@@ -21,9 +21,9 @@ from pydantic import Field, ValidationError, field_validator
 
 from lsep_tune import stats, tracking
 from lsep_tune.cluster import TrialResources
-from lsep_tune.config import explain, flatten, load_base, read_yaml, set_path, validate
+from lsep_tune.config import flatten, load_base, read_yaml, set_path, validate
 from lsep_tune.errors import InputError
-from lsep_tune.schema import StrictModel
+from lsep_tune.schema import StrictModel, explain
 from lsep_tune.search.arms import Arm, bar_chart, metric_key, run_arms, values_of
 from lsep_tune.search.space import SPACES_DIR, reported_metrics
 from lsep_tune.search.trials import SearchPaths

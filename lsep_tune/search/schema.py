@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 import optuna.distributions as od
 import optuna.samplers
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, model_validator
 
 from lsep_tune.cluster import TrialResources
 from lsep_tune.errors import InputError
@@ -316,58 +316,3 @@ class SpaceFile(Strict):
 
 TAGGED = {cls.model_fields["type"].annotation.__args__[0]: cls
           for cls in (Uniform, LogUniform, Int, Choice, TPE, Random, NSGA2, ASHA, HyperBand, NoScheduler)}
-
-
-def _owner(model: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
-    """The model whose key `loc` names (None when it lies inside a plain mapping)."""
-    for part in loc[:-1]:
-        field = model.model_fields.get(part)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
-
-
-def problem(err: ValidationError, noun: str = "type", tag: Any = None, model: type[BaseModel] | None = None,
-            ) -> tuple[str, str]:
-    """(dotted field, expectation) for the first error, worded for a person editing the YAML."""
-    e = err.errors()[0]
-    ctx = e.get("ctx") or {}
-    # a union names the member that failed in the location (seeds.int, baseline.literal[...]): not a key
-    loc = [str(p) for p in e["loc"] if not (str(p) in ("int", "float", "str", "bool") or "[" in str(p))]
-    if loc and loc[0] == tag:
-        loc = loc[1:]  # the union's tag (validated one item at a time) is not a key of the file
-    if isinstance(ctx.get("error"), FieldError):
-        field = ctx["error"].field
-        return ".".join(p for p in loc + [field] if p), str(ctx["error"])
-    kind, got = e["type"], e.get("input")
-    if kind in ("union_tag_invalid", "union_tag_not_found"):
-        expected = ctx.get("expected_tags", "").replace("'", "")
-        shown = f"unknown {noun} {ctx['tag']!r}" if kind == "union_tag_invalid" else "missing"
-        return ".".join(loc + ["type"]), f"{shown}, expected one of {expected}"
-    field = ".".join(loc) or "<root>"
-    owner = _owner(TAGGED.get(tag, model), loc) if (tag in TAGGED or model) else None
-    if kind == "extra_forbidden":
-        known = f", expected one of {', '.join(owner.model_fields)}" if owner else ""
-        return field, f"unknown key{known}"
-    if kind == "missing":
-        about = owner.model_fields[loc[-1]].description if owner else None
-        return field, f"missing; expected {about}" if about else "missing"
-    if kind == "literal_error":
-        return field, f"expected {ctx['expected'].replace(chr(39), '')} (got {got!r})"
-    if kind == "too_short":
-        return field, f"expected at least {ctx['min_length']} (got none)"
-    bound = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<="}.get(kind)
-    if bound:
-        limit = next(v for k, v in ctx.items() if k in ("ge", "gt", "le"))
-        return field, f"expected {bound} {limit} (got {got!r})"
-    if kind in ("int_type", "int_parsing", "int_from_float"):
-        return field, f"expected an integer (got {got!r})"
-    if kind in ("float_type", "float_parsing", "finite_number"):
-        return field, f"expected a number (got {got!r})"
-    if kind == "bool_type":
-        return field, f"expected true or false (got {got!r})"
-    if kind in ("dict_type", "model_type", "model_attributes_type"):
-        return field, f"expected a mapping (got {got!r})"
-    return field, f"{e['msg']} (got {got!r})"
-

@@ -21,14 +21,15 @@ from typing import Any, Mapping, NoReturn
 from pydantic import ValidationError
 
 from lsep_tune.cluster import TrialResources
-from lsep_tune.config import Config, RunConfig, explain, load_base, read_yaml, set_path, validate
+from lsep_tune.config import Config, RunConfig, load_base, read_yaml, set_path, validate
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
 from lsep_tune.objectives import REGULARIZERS, TrainObjective
 from lsep_tune.search.schema import (
-    PARAM, SCHEDULER, SEARCHER, ConfirmConfig, Metric, SpaceFile, contains, problem, same, suggest,
+    PARAM, SCHEDULER, SEARCHER, TAGGED, ConfirmConfig, Metric, SpaceFile, contains, same, suggest,
 )
+from lsep_tune.schema import explain
 from lsep_tune.search.searcher import make_sampler
 from lsep_tune.train.metrics import LOOP_METRICS
 
@@ -341,7 +342,8 @@ class SearchSpace:
             return validate_one(raw)
         except ValidationError as err:
             tag = raw.get("type") if isinstance(raw, dict) else None
-            field, message = problem(err, noun, tag, model if isinstance(model, type) else None)
+            owner = TAGGED.get(tag, model if isinstance(model, type) else None)
+            field, message = explain(err, worded=True, noun=noun, tag=tag, owner=owner)
             self._fail(".".join(p for p in (where, field if field != "<root>" else "") if p) or "<root>", message)
 
     def _portable_base(self) -> dict[str, Any]:
