@@ -20,7 +20,7 @@ from lsep_tune import stats
 from lsep_tune.cluster import TrialResources, trial_resources
 from lsep_tune.config import Config, validate
 from lsep_tune.search.stop import fit_or_stop
-from lsep_tune.search.trials import TrialRuns, end_unfinished_runs, live_table, open_trial_run, trial_main
+from lsep_tune.search.trials import TrialRuns, end_unfinished_runs, live_table, trial_main
 
 ROLE_TAG = "lsep_tune.role"
 ARM_TAG = "lsep_tune.arm"
@@ -56,14 +56,6 @@ class ArmTrials:
         return {ROLE_TAG: role, ARM_TAG: arm, SEED_TAG: seed, "mlflow.runName": f"{role}: {arm}, seed {seed}"}
 
 
-def _trial(tune_config: dict, builder: ArmTrials, paths, role: str) -> None:
-    """One (arm, seed) Tune trial through the search's trial function: the adapter to re-point
-    if that function moves."""
-    trial_id = tune.get_context().get_trial_id()
-    open_trial_run(paths, trial_id, builder, tune_config, trial_id, role)
-    trial_main(tune_config, builder=builder, paths=paths)
-
-
 def arms_table():
     """Tune's live table for arms x seeds: which run is where, by arm and seed."""
     return live_table({"step": "step"}, {"arm": "arm", "seed": "seed"})
@@ -75,7 +67,7 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: TrialResources, paths
     one still open when this returns or raises (never started, interrupted) ends KILLED."""
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     builder = ArmTrials(arms, resources)
-    trainable = tune.with_resources(tune.with_parameters(_trial, builder=builder, paths=paths, role=role),
+    trainable = tune.with_resources(tune.with_parameters(trial_main, builder=builder, paths=paths),
                                     trial_resources(resources))
     tuner = tune.Tuner(
         trainable,

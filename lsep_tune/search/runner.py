@@ -164,7 +164,7 @@ def winner_checkpoint(paths: SearchPaths, best: dict, confirmation: dict | None)
     """The EMA weights of what the search chose: the confirmation winner's run on its first fresh seed
     (found by the tags of its MLflow run), else the best trial's."""
     if not confirmation:
-        found = paths.output / "trial_runs" / best["id"] / EMA_FILE
+        found = paths.trial_folder(best["id"]) / EMA_FILE
         return found if found.exists() else None
     client = tracking.client(paths.mlflow_uri)
     parent = client.get_run(paths.parent_run_id)

@@ -28,6 +28,7 @@ from lsep_tune.train.metrics import TrainingDiverged
 from lsep_tune.train.tune_context import run_in_trial
 
 TRIAL_ID_TAG = "lsep_tune.trial_id"
+RUN_FILE = "mlflow_run.json"  # {"run_id": ...} in the trial's folder: its MLflow run, made by the driver
 
 
 class TrialBuilder(Protocol):
@@ -65,6 +66,10 @@ class SearchPaths:
     def ray_storage(self) -> Path:
         return (self.output / "trials").resolve()
 
+    def trial_folder(self, trial_id: str) -> Path:
+        """A trial's own files (its metrics, checkpoints, MLflow run id), on the path every node shares."""
+        return self.output.resolve() / "trial_runs" / trial_id
+
 
 def trial_run_name(number: int | str, params: dict) -> str:
     """`trial 3: uncond_prob=0.9, probe_lr=0.003`: the trial's number and its searched values."""
@@ -76,42 +81,50 @@ def trial_run_name(number: int | str, params: dict) -> str:
     return f"trial {number}: {values}" if values else f"trial {number}"
 
 
-def find_child_run(client, paths: SearchPaths, trial_id: str):
-    parent = client.get_run(paths.parent_run_id)
-    found = client.search_runs(
-        [parent.info.experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and tags.`{TRIAL_ID_TAG}` = '{trial_id}'",
-    )
-    return found[0] if found else None
+def trial_run(paths: SearchPaths, trial_id: str) -> str | None:
+    """The trial's MLflow run id, as the driver recorded it in the trial's folder (None: none was made)."""
+    path = paths.trial_folder(trial_id) / RUN_FILE
+    return json.loads(path.read_text())["run_id"] if path.exists() else None
 
 
-def child_run_id(paths: SearchPaths, trial_id: str, cfg, params: dict, number: int | str) -> str:
-    """The trial's nested MLflow run: found again by tag (after a restart, or made by the driver), else created."""
+def make_trial_run(paths: SearchPaths, trial_id: str, cfg: Config, params: Mapping[str, Any], number: int | str,
+                   tags: Mapping[str, Any] | None = None) -> str:
+    """The trial's nested MLflow run, made once, by the driver as the trial starts, and recorded in the
+    trial's folder; a trial started again (a lost node, a resumed search) finds it there."""
+    known = trial_run(paths, trial_id)
+    if known:
+        return known
     client = tracking.client(paths.mlflow_uri)
-    found = find_child_run(client, paths, trial_id)
-    if found:
-        return found.info.run_id
     parent = client.get_run(paths.parent_run_id)
+    tags = dict(tags or {})  # a role's tags name the run themselves (`confirmation: best, seed 1`)
+    name = tags.pop("mlflow.runName", None) or trial_run_name(number, dict(params))
     run_id = tracking.create_run(
-        paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}},
-        run_name=trial_run_name(number, params), experiment=client.get_experiment(parent.info.experiment_id).name,
+        paths.mlflow_uri, cfg.flat(), {TRIAL_ID_TAG: trial_id, **{f"searched.{k}": v for k, v in params.items()}, **tags},
+        run_name=name, experiment=client.get_experiment(parent.info.experiment_id).name,
         parent_run_id=paths.parent_run_id,
     )
     try:
         tracking.log_dataset(paths.mlflow_uri, run_id, data_identity(cfg.data))
     except Exception as err:  # tracking never stops a search: the run goes on without its dataset input
         print(f"warning: could not record the dataset of MLflow run {run_id} ({type(err).__name__}: {err})")
+    folder = paths.trial_folder(trial_id)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / RUN_FILE).write_text(json.dumps({"run_id": run_id}) + "\n")
     return run_id
 
 
 def trial_main(params: dict, builder: TrialBuilder, paths: SearchPaths) -> None:
     """One Tune trial of the builder's config for `params`: a one-worker trial runs the training loop in
-    this process (reporting to Tune itself); a larger one runs a Ray Train worker group."""
+    this process (reporting to Tune itself); a larger one runs a Ray Train worker group. Tune calls
+    `TrialRuns.on_trial_start` on the driver before it runs this, so the trial's MLflow run is on disk."""
     trial_id = tune.get_context().get_trial_id()
     cfg = builder.trial_config(params)
-    run_id = child_run_id(paths, trial_id, cfg, params, trial_id)  # the driver made it already, numbered
-    out = paths.output.resolve() / "trial_runs" / trial_id
+    out = paths.trial_folder(trial_id)
     out.mkdir(parents=True, exist_ok=True)
+    run_id = trial_run(paths, trial_id)
+    if run_id is None:
+        print(f"warning: trial {trial_id} has no MLflow run (the driver could not make one); "
+              f"it trains untracked, its curves are in {out / 'metrics.jsonl'}")
     if divergence(out):  # Tune retried a trial that diverged: it would only diverge again
         raise TrialDiverged(f"trial {trial_id} diverged: {divergence(out)['error']}")
     if builder.resources.workers == 1:  # nothing to coordinate: train here, no worker group to start
@@ -132,16 +145,6 @@ class TrialDiverged(RuntimeError):
     """Raised in a trial so Tune records it as failed (and the searcher hears a penalty)."""
 
 
-def open_trial_run(paths: SearchPaths, trial_id: str, builder: TrialBuilder, tune_config: dict, number: int | str,
-                   role: str | None = None) -> str:
-    """The trial's nested MLflow run, made (or found again); a confirmation's or an ablation's (`role`)
-    also gets the tags its builder gives it (`RoleTrialBuilder.run_tags`: role, arm, seed and its name)."""
-    run_id = child_run_id(paths, trial_id, builder.trial_config(tune_config), tune_config, number)
-    if role:
-        tracking.RunTracker(paths.mlflow_uri, run_id).set_tags(builder.run_tags(tune_config, role))
-    return run_id
-
-
 class TrialRuns(Callback):
     """The driver's side of the trials' MLflow runs, for every role (search, confirmation, ablation):
     each is made when its trial starts, named by its place in the run, and ended in the state the trial
@@ -151,6 +154,7 @@ class TrialRuns(Callback):
 
     def __init__(self, paths: SearchPaths, builder: TrialBuilder, role: str | None = None):
         self.paths, self.builder, self.role = paths, builder, role
+        self.max_steps: dict[str, int] = {}  # trial id -> its config's run.max_steps, read as it started
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         """A trial whose process died (its node lost) is started again by Tune; count it on disk, where a
@@ -159,14 +163,17 @@ class TrialRuns(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         try:
-            open_trial_run(self.paths, trial.trial_id, self.builder, trial.config, trials.index(trial) + 1, self.role)
-        except Exception as err:  # tracking never stops a search; the trial makes its run itself
+            cfg = self.builder.trial_config(trial.config)
+            self.max_steps[trial.trial_id] = cfg.run.max_steps
+            tags = self.builder.run_tags(trial.config, self.role) if self.role else None
+            make_trial_run(self.paths, trial.trial_id, cfg, trial.config, trials.index(trial) + 1, tags)
+        except Exception as err:  # tracking never stops a search: the trial trains untracked
             which = f"{self.role} trial" if self.role else "trial"
             print(f"warning: could not make the MLflow run of {which} {trial.trial_id} ({type(err).__name__}: {err})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         step = (trial.last_result or {}).get("step", 0)
-        max_steps = self.builder.trial_config(trial.config).run.max_steps
+        max_steps = self.max_steps.get(trial.trial_id) or self.builder.trial_config(trial.config).run.max_steps
         end_run(self.paths, trial.trial_id, "FINISHED" if step >= max_steps else "KILLED")
 
     def on_trial_error(self, iteration, trials, trial, **info):
@@ -189,10 +196,9 @@ def record_restart(output: Path, trial_id: str) -> None:
 
 def end_run(paths: SearchPaths, trial_id: str, status: str) -> None:
     try:
-        client = tracking.client(paths.mlflow_uri)
-        run = find_child_run(client, paths, trial_id)
-        if run is not None:
-            client.set_terminated(run.info.run_id, status)
+        run_id = trial_run(paths, trial_id)
+        if run_id is not None:
+            tracking.client(paths.mlflow_uri).set_terminated(run_id, status)
     except Exception as err:  # tracking never stops a search
         print(f"warning: could not end the MLflow run of trial {trial_id} ({type(err).__name__}: {err})")
 
