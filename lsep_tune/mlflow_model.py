@@ -36,7 +36,7 @@ class SamplerModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input, params=None):
         """model_input: {"num": N, "seed": S}, or a DataFrame with those columns (first row): uint8
         NHWC images, class-balanced, the same as ``python -m lsep_tune.sample --num N --seed S``."""
-        from lsep_tune.sample.batch import generate_samples
+        from lsep_tune.sample.batch import generate_samples  # the sampler (and Ray's actors): only to predict
 
         row = model_input.iloc[0].to_dict() if hasattr(model_input, "iloc") else dict(model_input)
         images, _ = generate_samples(self.checkpoint, int(row.get("num", 16)), seed=int(row.get("seed", 0)))

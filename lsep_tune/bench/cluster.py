@@ -21,6 +21,9 @@ from pathlib import Path
 
 from ray.tune import Callback
 
+from lsep_tune.bench import writes
+from lsep_tune.errors import InputError
+
 SLOT = "gpu_slot"
 LOOPBACK = "127.0.0.1"
 # Ray 2.60 replaces a requested 127.0.0.1 by the machine's network address unless its multi-node switch
@@ -111,7 +114,7 @@ def default_concurrency(nodes: int, capacity: int) -> int:
 def bench_space(trials: int, max_concurrent: int, steps: int):
     """The shipped digits space (its params, searcher, ASHA), shrunk to the cheapest real trial: the
     smallest model, `steps` steps, a tiny batch, no evaluation, a one-image grid, loss as the metric."""
-    from lsep_tune.search.space import load_space, SearchSpace
+    from lsep_tune.search.space import SearchSpace, load_space  # torch and Optuna: after the flags
 
     base = load_space("digits")
     data = base.to_dict()
@@ -211,8 +214,7 @@ def measure(size: int, opts: dict, output: Path) -> dict:
     import ray
     from ray.tune import PlacementGroupFactory
 
-    from lsep_tune.bench import writes
-    from lsep_tune.search.runner import run_search
+    from lsep_tune.search.runner import run_search  # torch, MLflow: in the size's own process only
     from lsep_tune.tracking import default_uri
 
     output.mkdir(parents=True, exist_ok=True)
@@ -287,7 +289,6 @@ def measure(size: int, opts: dict, output: Path) -> dict:
 
 
 def parse_sizes(text: str) -> list[int]:
-    from lsep_tune.errors import InputError
 
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -300,7 +301,6 @@ def parse_sizes(text: str) -> list[int]:
 
 def check(args) -> list[int]:
     """Bad flags, before any folder or Ray starts."""
-    from lsep_tune.errors import InputError
 
     sizes = parse_sizes(args.sizes)
     for flag in ("nodes", "slots_per_node", "slots_per_trial", "steps"):
@@ -343,8 +343,7 @@ def run_cluster_bench(args) -> int:
     for size in sorted(sizes):
         folder = output / f"size-{size}"
         if folder.exists() and any(folder.iterdir()):
-            from lsep_tune.errors import InputError
-
+        
             raise InputError("--output", output, f"{folder} is not empty; choose another folder")
         print(f"bench cluster: {size} trials on {args.nodes} nodes x {args.slots_per_node} slots, "
               f"{args.slots_per_trial} per trial, {concurrency} at once -> {folder}", file=sys.stderr, flush=True)

@@ -66,7 +66,7 @@ def check_file(path: str, placement: bool = False) -> list[Shape]:
 def check_space(shape: Shape, space, source: str) -> str:
     """One trial of `space` must fit the cluster at its largest, and one of its workers one node.
     Uses the project's placement check (lsep_tune.cluster), as the search itself does on joining."""
-    from lsep_tune.cluster import check_placement, check_trial_fits
+    from lsep_tune.cluster import check_placement, check_trial_fits  # torch: only with --space
 
     b = space.budget
     groups = [g for g in shape.groups if g.max_nodes > 0]
@@ -92,7 +92,7 @@ def check(files: list[str], space_name: str | None = None) -> list[str]:
     """The one-line summaries of `files`; the first problem is an InputError, before anything starts."""
     space = None
     if space_name:
-        from lsep_tune.search.space import load_space
+        from lsep_tune.search.space import load_space  # torch and Optuna: only with --space
 
         space = load_space(space_name)
     lines = []
