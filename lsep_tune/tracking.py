@@ -8,6 +8,7 @@ allowed to stop training: an outage warns once and the loop goes on.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -32,28 +33,47 @@ LOCAL_UI = "http://127.0.0.1:5000"
 RUNS_VIEW = "#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
-def runs_url(server: str, experiment_id: str) -> str:
-    """The page that opens `experiment_id` on its runs table."""
-    return f"{server.rstrip('/')}/{RUNS_VIEW.format(experiment_id=experiment_id)}"
+# MLflow's UI keeps a shared runs-table view (its columns, its order) in an experiment tag named so,
+# and opens it with `?viewStateShareKey=<suffix>`: the page a search prints shows its metrics and its
+# searched parameters as columns, best first, instead of the default attribute columns.
+VIEW_TAG = "mlflow.sharedViewState."
+VIEW_PARAM = "viewStateShareKey"
+DEFAULT_COLUMNS = ("attributes.`Models`", "attributes.`Dataset`")  # MLflow's defaults but Source, empty here
 
 
-def experiment_of(uri: str, run_id: str | None) -> str | None:
-    """The experiment id of `run_id`, or None when it cannot be read (the link then opens the home page)."""
-    if not run_id:
-        return None
-    try:
-        return client(uri).get_run(run_id).info.experiment_id
-    except Exception:  # noqa: BLE001 - a link is a convenience; the store's own errors surface elsewhere
-        return None
+def runs_url(server: str, experiment_id: str, view: str | None = None) -> str:
+    """The page that opens `experiment_id` on its runs table (as the saved view `view`, when given)."""
+    url = f"{server.rstrip('/')}/{RUNS_VIEW.format(experiment_id=experiment_id)}"
+    return f"{url}&{VIEW_PARAM}={view}" if view else url
+
+
+def share_runs_view(uri: str, run_id: str, metrics: list[str], params: list[str], ascending: bool = True) -> None:
+    """Save the runs-table view of `run_id`'s experiment under the run's id: the first metric, the other
+    metrics and the params as columns, runs sorted on the first metric (`ascending` for a metric to
+    minimize). `runs_page` links to it."""
+    c = client(uri)
+    experiment = c.get_run(run_id).info.experiment_id
+    columns = [*DEFAULT_COLUMNS, *(f"metrics.`{m}`" for m in metrics), *(f"params.`{p}`" for p in params)]
+    view = {"selectedColumns": columns}
+    if metrics:
+        view.update(orderByKey=f"metrics.`{metrics[0]}`", orderByAsc=ascending)
+    c.set_experiment_tag(experiment, VIEW_TAG + run_id, json.dumps(view))
 
 
 def runs_page(uri: str, run_id: str | None) -> str | None:
     """The address of the runs table of `run_id`'s experiment (for a local store, as `mlflow ui`
-    serves it by default); None when the experiment cannot be read."""
-    experiment = experiment_of(uri, run_id)
-    if experiment is None:
+    serves it by default), opened on the run's saved view where it has one; None when the experiment
+    cannot be read."""
+    if not run_id:
         return None
-    return runs_url(uri if uri.startswith(("http://", "https://")) else LOCAL_UI, experiment)
+    try:
+        c = client(uri)
+        experiment = c.get_run(run_id).info.experiment_id
+        saved = VIEW_TAG + run_id in c.get_experiment(experiment).tags
+    except Exception:  # noqa: BLE001 - a link is a convenience; the store's own errors surface elsewhere
+        return None
+    server = uri if uri.startswith(("http://", "https://")) else LOCAL_UI
+    return runs_url(server, experiment, run_id if saved else None)
 
 
 def ui_command(uri: str, run_id: str | None = None) -> str:

@@ -21,8 +21,9 @@ def tiny_config():
     return load_config("digits", overrides=[f"{k}={v}" for k, v in TINY_OVERRIDES.items()])
 
 
-def runs_page(server_uri: str, experiment_id: str) -> str:
-    return f"{server_uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+def runs_page(server_uri: str, experiment_id: str, view: str | None = None) -> str:
+    page = f"{server_uri}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    return f"{page}&viewStateShareKey={view}" if view else page
 
 
 def test_a_run_links_its_runs_table_records_its_data_and_its_model_loads_back(tmp_path, mlflow_server):
@@ -34,6 +35,12 @@ def test_a_run_links_its_runs_table_records_its_data_and_its_model_loads_back(tm
     run = client.get_run(run_id)
     assert tracking.ui_command(mlflow_server.uri, run_id) == \
         f"open {runs_page(mlflow_server.uri, run.info.experiment_id)} in a browser"
+    tracking.share_runs_view(mlflow_server.uri, run_id, ["fid"], ["optim.lr"], ascending=True)
+    assert tracking.ui_command(mlflow_server.uri, run_id) == \
+        f"open {runs_page(mlflow_server.uri, run.info.experiment_id, run_id)} in a browser"  # its saved view
+    view = json.loads(client.get_experiment(run.info.experiment_id).tags[f"mlflow.sharedViewState.{run_id}"])
+    assert view == {"selectedColumns": ["attributes.`Models`", "attributes.`Dataset`", "metrics.`fid`", "params.`optim.lr`"],
+                    "orderByKey": "metrics.`fid`", "orderByAsc": True}
     local = "sqlite:///x/mlflow.db"
     assert tracking.ui_command(local) == f"mlflow ui --backend-store-uri {local}"  # no run: no page to name
 
@@ -71,9 +78,13 @@ def test_a_search_leaves_its_model_data_and_searched_params_where_mlflow_users_l
     client, parent, children = child_runs(summary)
     experiment = parent.info.experiment_id
 
-    # The printed line and the summary open the experiment on its runs table.
-    assert summary["mlflow_runs_url"] == runs_page(mlflow_server.uri, experiment)
+    # The printed line and the summary open the experiment on its runs table, in the view the search
+    # saved: the metric and the searched parameters as columns, best first.
+    assert summary["mlflow_runs_url"] == runs_page(mlflow_server.uri, experiment, parent.info.run_id)
     assert f"MLflow: open {summary['mlflow_runs_url']} in a browser" in done.stdout
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
+    assert view["selectedColumns"][-3:] == ["metrics.`flow_loss`", "params.`optim.lr`", "params.`objective.lsep.uncond_prob`"]
+    assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`flow_loss`", True)
 
     # The confirmed winner is the parent run's model, registered, and samples again through our loader.
     (model,) = client.search_logged_models([experiment], filter_string=f"source_run_id = '{parent.info.run_id}'")

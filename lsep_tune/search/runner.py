@@ -86,6 +86,11 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
             tracking.log_dataset(mlflow_uri, parent, data_identity(space.base_config().data))
         except Exception as err:  # tracking never stops a search
             print(f"warning: could not record the dataset of the search's MLflow run ({type(err).__name__}: {err})")
+    try:  # the page the search prints: its metrics and searched params as columns, best first
+        tracking.share_runs_view(mlflow_uri, parent, list(space.metric_names), list(space.params),
+                                 ascending=space.modes[0] == "min")
+    except Exception as err:  # tracking never stops a search: the link opens MLflow's default columns
+        print(f"warning: could not save the runs-table view of the search ({type(err).__name__}: {err})")
     paths = SearchPaths(output, mlflow_uri, parent, storage, study_name)
     state.update(mlflow_tracking_uri=mlflow_uri, mlflow_parent_run_id=parent,
                  optuna_storage=without_password(storage),
