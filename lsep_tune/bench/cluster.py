@@ -289,7 +289,6 @@ def measure(size: int, opts: dict, output: Path) -> dict:
 
 
 def parse_sizes(text: str) -> list[int]:
-
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -301,7 +300,6 @@ def parse_sizes(text: str) -> list[int]:
 
 def check(args) -> list[int]:
     """Bad flags, before any folder or Ray starts."""
-
     sizes = parse_sizes(args.sizes)
     for flag in ("nodes", "slots_per_node", "slots_per_trial", "steps"):
         if getattr(args, flag) < 1:
@@ -343,7 +341,6 @@ def run_cluster_bench(args) -> int:
     for size in sorted(sizes):
         folder = output / f"size-{size}"
         if folder.exists() and any(folder.iterdir()):
-        
             raise InputError("--output", output, f"{folder} is not empty; choose another folder")
         print(f"bench cluster: {size} trials on {args.nodes} nodes x {args.slots_per_node} slots, "
               f"{args.slots_per_trial} per trial, {concurrency} at once -> {folder}", file=sys.stderr, flush=True)

@@ -26,10 +26,10 @@ from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
 from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
 from lsep_tune.objectives import REGULARIZERS, TrainObjective
+from lsep_tune.schema import explain
 from lsep_tune.search.schema import (
     PARAM, SCHEDULER, SEARCHER, TAGGED, ConfirmConfig, Metric, SpaceFile, contains, same, suggest,
 )
-from lsep_tune.schema import explain
 from lsep_tune.search.searcher import make_sampler
 from lsep_tune.train.metrics import LOOP_METRICS
 
