@@ -58,7 +58,7 @@ def default_run_folder(name: str) -> Path:
 
 def check_data(cfg) -> None:
     """The training data is there and fits the model of `cfg`."""
-    from lsep_tune.data import check_available  # the data kinds import torch: kept off start-up
+    from lsep_tune.data import check_available  # numpy and the data kinds: only when data is checked
 
     check_available(cfg.data, cfg=cfg)
 

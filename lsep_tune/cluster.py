@@ -13,11 +13,13 @@ import logging
 import math
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from lsep_tune.errors import InputError
 from lsep_tune.files import require_writable_dir
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ Placement = TrialResources  # the name train/ and sample/ use for a Ray Train ru
 
 def local_device(name: str | None = None) -> torch.device:
     """The torch device for work in this process: `name`, else cuda when there is one."""
+    import torch  # torch only where a device is asked for: a search space reads TrialResources without it
+
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -51,6 +55,8 @@ def local_device(name: str | None = None) -> torch.device:
 
 def machine_resources(num_cpus: int | None = None) -> dict[str, float]:
     """What a local Ray started here would offer: the CPUs this process may use and the visible GPUs."""
+    import torch  # for the GPU count (see local_device)
+
     cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
 

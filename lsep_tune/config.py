@@ -2,7 +2,9 @@
 
 Every knob a search may touch is a field here, with its default taken from the papers. Loading
 errors become one line naming the file, the field and what was expected (`InputError`), so a
-command line tool can print it and exit with code 2 before any worker starts.
+command line tool can print it and exit with code 2 before any worker starts. The registries it checks
+against are read without torch (models.names, objectives.configs, the data kinds' checks,
+sample.options), so that refusal comes before torch loads too.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from pydantic import Field, ValidationError, create_model, field_validator, mode
 
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
-from lsep_tune.models.sit import model_names, parse_model_name
-from lsep_tune.objectives import REGULARIZERS
+from lsep_tune.models.names import model_names, parse_model_name
+from lsep_tune.objectives.configs import REGULARIZER_CONFIGS
 from lsep_tune.presets import preset_names
-from lsep_tune.sample.solvers import SOLVERS
+from lsep_tune.sample.options import SOLVER_MIN_STEPS
 from lsep_tune.schema import FieldError, StrictModel, explain, known
 
 
@@ -83,8 +85,8 @@ class FlowConfig(StrictModel):
 
 
 def _objective_config() -> type[StrictModel]:
-    """`objective.flow` plus one section per registered regularizer (objectives.REGULARIZERS)."""
-    sections = {name: (cls.Config, cls.Config()) for name, cls in REGULARIZERS.items()}
+    """`objective.flow` plus one section per registered regularizer (objectives.configs.REGULARIZER_CONFIGS)."""
+    sections = {name: (config, config()) for name, config in REGULARIZER_CONFIGS.items()}
     return create_model("ObjectiveConfig", __base__=StrictModel, flow=(FlowConfig, FlowConfig()), **sections)
 
 
@@ -122,15 +124,15 @@ class SamplingConfig(StrictModel):
     @field_validator("mode")
     @classmethod
     def _known_mode(cls, mode: str) -> str:
-        return known("sampler", mode, SOLVERS)
+        return known("sampler", mode, SOLVER_MIN_STEPS)
 
     @model_validator(mode="after")
     def _interval(self) -> "SamplingConfig":
         if self.guidance_low > self.guidance_high:
             raise ValueError(f"guidance_low {self.guidance_low} > guidance_high {self.guidance_high}")
-        least = SOLVERS[self.mode].min_steps
+        least = SOLVER_MIN_STEPS[self.mode]
         if self.steps < least:
-            raise FieldError("sampling.steps", f"the {self.mode!r} sampler needs at least {least} steps")
+            raise FieldError("steps", f"the {self.mode!r} sampler needs at least {least} steps")
         return self
 
 

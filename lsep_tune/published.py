@@ -29,7 +29,8 @@ from typing import Any, BinaryIO
 
 import torch
 
-from lsep_tune.models.sit import create_model, model_names, sincos_pos_embed_2d
+from lsep_tune.models.names import model_names
+from lsep_tune.models.sit import create_model, sincos_pos_embed_2d
 from lsep_tune.errors import InputError
 
 FORMATS = ("lsep_tune", "lsep", "sra", "repa", "sit")

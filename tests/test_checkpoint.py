@@ -6,7 +6,7 @@ import torch
 from lsep_tune import checkpoint as ckpt
 from lsep_tune.config import load_config
 from lsep_tune.errors import InputError
-from lsep_tune.models import sit_from_config
+from lsep_tune.models.sit import sit_from_config
 
 
 def test_state_round_trips_and_only_complete_steps_count(tmp_path):

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lsep_tune.models import create_model, model_names, parse_model_name
+from lsep_tune.models.names import model_names, parse_model_name
+from lsep_tune.models.sit import create_model
 
 PUBLISHED = {"S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
 

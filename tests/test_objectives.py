@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from lsep_tune.objectives import Draws
 from lsep_tune.objectives.flow import flow_loss, interpolant, make_flow_batch
 from lsep_tune.objectives.lsep import LSEP, crop_window_mask, step_weights
+from lsep_tune.objectives.randomness import Draws
 from lsep_tune.objectives.sra import alignment_loss
 from lsep_tune.train.step import build_objective
 
@@ -209,7 +209,7 @@ def test_sra_teacher_gets_less_noise_no_gradient_and_its_own_weights(digits_cfg)
 
 
 def test_sra_losses_and_cosine_axis():
-    from lsep_tune.objectives.sra import SRAConfig
+    from lsep_tune.objectives.configs import SRAConfig
 
     s, t = torch.randn(3, 5, 7), torch.randn(3, 5, 7)
     per_token = 1 - torch.nn.functional.cosine_similarity(s, t, dim=-1)
@@ -265,7 +265,8 @@ def test_draws_do_not_depend_on_the_worker_split():
 # ------------------------------------------------------------------ published schedules and initialisation
 
 def test_sra_epoch_decay_gives_the_published_weights():
-    from lsep_tune.objectives.sra import SRA, SRAConfig
+    from lsep_tune.objectives.configs import SRAConfig
+    from lsep_tune.objectives.sra import SRA
 
     # The published 256 px recipe: 0.2 through epoch 149, then 0.2 * 0.1^((epoch - 149) / 1000).
     cfg = SRAConfig(enabled=True, loss_type="sml1", weight=0.2, weight_schedule="epoch_decay")
@@ -283,7 +284,8 @@ def test_sra_epoch_decay_gives_the_published_weights():
 
 
 def test_sra_scheduled_weight_scales_the_loss(digits_cfg):
-    from lsep_tune.objectives.sra import SRA, SRAConfig
+    from lsep_tune.objectives.configs import SRAConfig
+    from lsep_tune.objectives.sra import SRA
 
     cfg = SRAConfig(enabled=True, block_out_s=1, block_out_t=2, weight=0.2, weight_schedule="epoch_decay",
                     decay_start_epoch=0, decay_period_epochs=1.0)
@@ -301,7 +303,7 @@ def test_sra_scheduled_weight_scales_the_loss(digits_cfg):
 
 
 def test_lsep_class_loss_decay_is_off_by_default_and_published_when_on(digits_cfg):
-    from lsep_tune.objectives.lsep import LSEPConfig
+    from lsep_tune.objectives.configs import LSEPConfig
 
     off = LSEP(LSEPConfig(enabled=True, encoder_depth=1), 16, 10, 4)
     off.set_step(10**8, 5004)
@@ -315,8 +317,8 @@ def test_lsep_class_loss_decay_is_off_by_default_and_published_when_on(digits_cf
 
 
 def test_heads_start_xavier_with_zero_biases_unless_asked_otherwise():
-    from lsep_tune.objectives.lsep import LSEPConfig
-    from lsep_tune.objectives.sra import SRA, SRAConfig
+    from lsep_tune.objectives.configs import LSEPConfig, SRAConfig
+    from lsep_tune.objectives.sra import SRA
 
     torch.manual_seed(0)
     d, classes = 256, 1000

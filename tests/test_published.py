@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from lsep_tune import published
-from lsep_tune.models import create_model
+from lsep_tune.models.sit import create_model
 from lsep_tune.checkpoint import load_checkpoint
 
 MODEL = {"name": "SiT-Tiny/2", "input_size": 8, "in_channels": 3, "num_classes": 5}
@@ -83,8 +83,9 @@ def test_repa_family_layouts_keep_the_velocity(tmp_path, fmt):
 
 
 def test_lsep_probe_and_sra_head_map_onto_the_regularizer_heads():
-    from lsep_tune.objectives.lsep import LSEP, LSEPConfig
-    from lsep_tune.objectives.sra import SRA, SRAConfig
+    from lsep_tune.objectives.configs import LSEPConfig, SRAConfig
+    from lsep_tune.objectives.lsep import LSEP
+    from lsep_tune.objectives.sra import SRA
 
     state = published_state(random_sit(), "lsep")
     probe = LSEP(LSEPConfig(enabled=True), 64, 5, 4)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lsep_tune.objectives.repa import REPA, REPAConfig, match_grid
+from lsep_tune.objectives.configs import REPAConfig
+from lsep_tune.objectives.repa import REPA, match_grid
 from tests.test_preprocess import make_image_tree, make_tiny_vae
 
 ENCODER = "vit_tiny_patch16_224"  # 14 x 14 tokens of 192 channels at 224px; random weights here

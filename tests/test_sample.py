@@ -9,7 +9,7 @@ import torch
 from lsep_tune.config import load_config
 from lsep_tune.checkpoint import load_checkpoint
 from lsep_tune.errors import InputError
-from lsep_tune.models import create_model
+from lsep_tune.models.sit import create_model
 from lsep_tune.sample.batch import generate_samples
 from lsep_tune.sample.__main__ import main
 from lsep_tune.train.context import LocalContext

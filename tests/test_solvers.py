@@ -152,10 +152,12 @@ def test_full_heun_variant_runs_every_corrector_and_guides_by_its_own_time():
     assert [(pytest.approx(t), g) for t, g in rec.calls] == expected
 
 
-def test_a_sampler_is_one_solver_class_plus_one_registry_line(monkeypatch):
-    """A solver registered in SOLVERS is what `sample` runs and what `sampling.mode` accepts, steps checked."""
+def test_a_sampler_is_one_solver_class_plus_its_registry_lines(monkeypatch):
+    """A solver registered in SOLVERS, and its min_steps in options.SOLVER_MIN_STEPS, is what `sample` runs
+    and what `sampling.mode` accepts, steps checked."""
     from lsep_tune.config import load_config
     from lsep_tune.errors import InputError
+    from lsep_tune.sample.options import SOLVER_MIN_STEPS
     from lsep_tune.sample.solvers import SOLVERS, Solver
 
     class Midpoint(Solver):
@@ -166,6 +168,7 @@ def test_a_sampler_is_one_solver_class_plus_one_registry_line(monkeypatch):
             return x - h * v_fn(x - 0.5 * h * v_fn(x, t_cur), t_cur - 0.5 * h)
 
     monkeypatch.setitem(SOLVERS, "ode-midpoint", Midpoint())
+    monkeypatch.setitem(SOLVER_MIN_STEPS, "ode-midpoint", Midpoint.min_steps)
     v = exact_velocity(torch.tensor([M]), torch.tensor([S]))
     noise = torch.randn(40000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x = sample(v, noise, torch.zeros(40000, dtype=torch.long), mode="ode-midpoint", steps=40, null_class=1)

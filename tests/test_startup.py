@@ -1,5 +1,5 @@
-"""Every command answers --help, and refuses a bad flag or value, before a heavy library loads: what
-the command imports is read from `python -X importtime`, not timed (timings on a shared machine lie)."""
+"""Every command answers --help, and refuses a bad flag, file or value, before a heavy library loads:
+what the command imports is read from `python -X importtime`, not timed (timings on a shared machine lie)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-HEAVY = {"torch", "ray", "mlflow", "optuna", "diffusers", "torch_fidelity"}
+HEAVY = {"torch", "ray", "mlflow", "optuna", "diffusers", "torch_fidelity", "timm", "torchvision"}
 
 CASES = [
     ("search", ["--help"], 0),
@@ -25,6 +25,44 @@ CASES = [
     ("preprocess", ["--bogus"], 2),
     ("bench", ["--help"], 0),
     ("bench", ["train", "--batch", "0"], 2),
+]
+
+
+# A search space that loads: each file below breaks one thing of it.
+SPACE = """base: {preset: digits}
+params:
+  objective.lsep.uncond_prob: {type: uniform, low: 0.5, high: 1.0}
+metric: {name: lsep_ce}
+budget: {num_samples: 2}
+"""
+FILES = {
+    "config.yaml": "optim: {lr: -1}\n",
+    "syntax.yaml": "base: {preset: digits\nparams: [\n",
+    "budget.yaml": SPACE.replace("num_samples: 2", "num_samples: 0"),
+    "domain.yaml": SPACE.replace("high: 1.0", "high: 2.0"),
+    "metric.yaml": SPACE.replace("lsep_ce", "sra_loss"),
+}
+DIGITS = ["--preset", "digits", "--set"]
+# (command, arguments, what the one line names): the config's, the data kinds', the model names', the
+# solvers' and the regularizers' checks, and a search space's name, file, YAML and values.
+BAD_INPUT = [
+    ("train", [*DIGITS, "optim.lr=abc"], "optim.lr: Input should be a valid number"),
+    ("train", ["--config", "missing.yaml"], "missing.yaml: cannot read"),
+    ("train", ["--config", "config.yaml"], "config.yaml: optim.lr: Input should be greater than 0"),
+    ("train", [*DIGITS, "model.name=SiT-Q/9"], "model.name: unknown model 'SiT-Q/9'"),
+    ("train", [*DIGITS, "model.input_size=32"], "model: digits data needs input_size"),
+    ("train", [*DIGITS, "data.kind=images"], "data.kind 'images' needs data.path"),
+    ("train", [*DIGITS, "data.kind=images", "--set", "data.path=missing"], "missing: data.path: no such folder"),
+    ("train", [*DIGITS, "sampling.mode=bogus"], "sampling.mode: unknown sampler 'bogus'"),
+    ("train", [*DIGITS, "sampling.mode=sde", "--set", "sampling.steps=1"], "the 'sde' sampler needs at least 2"),
+    ("train", [*DIGITS, "objective.lsep.uncond_prob=2"], "objective.lsep.uncond_prob: Input should be less"),
+    ("train", [*DIGITS, "objective.sra.block_out_t=99"], "objective.sra.block_out_t: block depth 99 is deeper"),
+    ("search", ["--space", "nope"], "nope: <space>: not a file and not a shipped space"),
+    ("search", ["--space", "missing.yaml"], "missing.yaml: <file>: cannot read"),
+    ("search", ["--space", "syntax.yaml"], "syntax.yaml: <file>: invalid YAML"),
+    ("search", ["--space", "budget.yaml"], "budget.yaml: budget.num_samples: expected >= 1"),
+    ("search", ["--space", "domain.yaml"], "domain.yaml: params.objective.lsep.uncond_prob.high: Input should be"),
+    ("search", ["--space", "metric.yaml"], "metric.yaml: metric.name: sra_loss is reported only when"),
 ]
 
 
@@ -49,18 +87,42 @@ def test_help_and_a_bad_flag_answer_before_any_heavy_library_loads(command, args
     assert not names & HEAVY, f"{command} {' '.join(args)} imported {sorted(names & HEAVY)}"
 
 
+@pytest.mark.parametrize("command,args,names", BAD_INPUT, ids=[f"{c} {' '.join(a)}" for c, a, _ in BAD_INPUT])
+def test_a_bad_file_or_value_is_refused_before_any_heavy_library_loads(command, args, names, tmp_path):
+    for name, text in FILES.items():
+        (tmp_path / name).write_text(text)
+    rc, message, imports = imported(command, args, tmp_path)
+    assert rc == 2, message
+    assert message.startswith("error: ") and len(message.splitlines()) == 1 and names in message, message
+    assert not imports & HEAVY, f"{command} {' '.join(args)} imported {sorted(imports & HEAVY)}"
+
+
 def test_the_torch_free_name_lists_agree_with_their_registries():
     from lsep_tune import checkpoint, config, evaluate, presets, published
-    from lsep_tune.evaluation import DEFAULT_METRICS, default_cache_dir
+    from lsep_tune.evaluation import DEFAULT_METRICS, default_cache_dir, in_training
     from lsep_tune.evaluation.extractors import SUPPORTED
     from lsep_tune.sample import generate, options
     from lsep_tune.sample.batch import SAMPLERS
     from lsep_tune.sample.solvers import SOLVERS
+    from lsep_tune.search import space
+    from lsep_tune.train.metrics import LOOP_METRICS
 
     assert options.SOLVER_NAMES == tuple(SOLVERS) and options.SAMPLER_NAMES == tuple(SAMPLERS)
+    assert options.SOLVER_MIN_STEPS == {name: solver.min_steps for name, solver in SOLVERS.items()}
+    assert (space.LOOP_METRICS, space.EVAL_METRICS, space.UNCERTAINTY_OF) == (
+        LOOP_METRICS, in_training.EVAL_METRICS, in_training.UNCERTAINTY_OF)
     assert options.CHECKPOINT_FORMATS == published.FORMATS
     assert (options.EMA_FILE, options.STATE_FILE) == (checkpoint.EMA_FILE, checkpoint.STATE_FILE)
     assert (options.DEFAULT_SEED, options.DEFAULT_BATCH) == (generate.DEFAULT_SEED, generate.DEFAULT_BATCH)
     assert (evaluate.DEFAULT_METRICS, evaluate.SUPPORTED) == (tuple(DEFAULT_METRICS), tuple(SUPPORTED))
     assert evaluate.DEFAULT_CACHE_DIR == default_cache_dir()
     assert config.preset_names is presets.preset_names and "digits" in presets.preset_names()
+
+
+def test_the_torch_free_regularizer_configs_are_the_modules_configs():
+    from lsep_tune.objectives.configs import OBJECTIVE_METRICS, REGULARIZER_CONFIGS
+    from lsep_tune.objectives.objective import REGULARIZERS, TrainObjective
+
+    assert list(REGULARIZER_CONFIGS) == list(REGULARIZERS)
+    assert {name: reg.Config for name, reg in REGULARIZERS.items()} == REGULARIZER_CONFIGS
+    assert TrainObjective.metrics is OBJECTIVE_METRICS

@@ -13,7 +13,7 @@ from lsep_tune import mlflow_model, tracking
 from lsep_tune.checkpoint import save_ema
 from lsep_tune.config import load_config
 from lsep_tune.data import identity
-from lsep_tune.models import sit_from_config
+from lsep_tune.models.sit import sit_from_config
 from tests.test_search import GOOD, TINY_OVERRIDES, child_runs, write_space
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lsep_tune.config import load_config
-from lsep_tune.objectives import Draws
+from lsep_tune.objectives.randomness import Draws
 from lsep_tune.train.context import LocalContext, TrainContext
 from lsep_tune.train.loop import train_loop
 from lsep_tune.train.metrics import MetricWindow, TrainingDiverged

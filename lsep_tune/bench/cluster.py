@@ -114,7 +114,7 @@ def default_concurrency(nodes: int, capacity: int) -> int:
 def bench_space(trials: int, max_concurrent: int, steps: int):
     """The shipped digits space (its params, searcher, ASHA), shrunk to the cheapest real trial: the
     smallest model, `steps` steps, a tiny batch, no evaluation, a one-image grid, loss as the metric."""
-    from lsep_tune.search.space import SearchSpace, load_space  # torch and Optuna: after the flags
+    from lsep_tune.search.space import SearchSpace, load_space  # pydantic and the config: after the flags
 
     base = load_space("digits")
     data = base.to_dict()

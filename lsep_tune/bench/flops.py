@@ -15,7 +15,7 @@ Norms, activations, softmax and the optimizer are left out: they are memory-boun
 from __future__ import annotations
 
 from lsep_tune.config import Config
-from lsep_tune.models.sit import parse_model_name
+from lsep_tune.models.names import parse_model_name
 
 # Dense peak FLOP/s by device name fragment (first match wins) and precision. fp32 runs with TF32
 # matmuls on these GPUs (the loop turns TF32 on). Sources: NVIDIA H100 / H200 / A100 datasheets.

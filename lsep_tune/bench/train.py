@@ -21,13 +21,13 @@ from lsep_tune.bench.flops import device_peak, train_flops_per_image
 from lsep_tune.config import Config, parse_override, set_path, validate
 from lsep_tune.data.base import ArrayDataset
 from lsep_tune.errors import InputError
-from lsep_tune.objectives import REGULARIZERS
+from lsep_tune.objectives.objective import REGULARIZERS
 from lsep_tune.train.context import LocalContext
 from lsep_tune.train.step import Training
 
 
 def parse_regularizers(text: str) -> tuple[str, ...]:
-    """'none' | 'lsep' | 'lsep+sra' ... -> the names, checked against objectives.REGULARIZERS."""
+    """'none' | 'lsep' | 'lsep+sra' ... -> the names, checked against objectives.objective.REGULARIZERS."""
     if text == "none":
         return ()
     names = tuple(text.split("+"))

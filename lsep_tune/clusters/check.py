@@ -92,7 +92,7 @@ def check(files: list[str], space_name: str | None = None) -> list[str]:
     """The one-line summaries of `files`; the first problem is an InputError, before anything starts."""
     space = None
     if space_name:
-        from lsep_tune.search.space import load_space  # torch and Optuna: only with --space
+        from lsep_tune.search.space import load_space  # pydantic and the config: only with --space
 
         space = load_space(space_name)
     lines = []

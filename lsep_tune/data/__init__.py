@@ -1,7 +1,8 @@
 """Training data: the embedded digits, an image-class-folder tree, and the latent shards written by
 `lsep_tune.preprocess`.
 
-To add a dataset: write one module with a `base.DataSource` subclass, then add one line to DATASETS.
+To add a dataset: write one module with a `base.DataSource` subclass, importing torch only inside what
+loads tensors (the config reads this registry before torch loads), then add one line to DATASETS.
 `data.kind` accepts its name, and its checks run at load time and before Ray starts.
 """
 from __future__ import annotations

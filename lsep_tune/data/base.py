@@ -1,14 +1,18 @@
 """What every kind of training data provides, and the in-memory array dataset the small ones share.
 
 A kind is one module with a `DataSource` subclass; `data.DATASETS` maps the config's `data.kind` to it.
-The config, the pre-flight check and the training loop ask the registry, never the kind's name.
+The config, the pre-flight check and the training loop ask the registry, never the kind's name. A
+kind's module imports torch only inside what loads tensors: the config checks a kind before torch loads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,8 @@ class ArrayDataset:
         return len(self.labels)
 
     def take(self, idx: np.ndarray, draws=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        import torch  # torch only to load: the config checks a kind without it
+
         order = np.argsort(idx, kind="stable")  # sorted reads suit memory maps
         x = torch.as_tensor(np.asarray(self.images[idx[order]]), dtype=torch.float32)
         y = torch.as_tensor(np.asarray(self.labels[idx[order]]), dtype=torch.long)

@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lsep_tune.data.base import ArrayDataset, DataIdentity, DataSource
 from lsep_tune.schema import FieldError
+
+if TYPE_CHECKING:
+    import torch
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -31,6 +34,7 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
     """Return (images, labels): images float32 (N, 1, 8, 8) in [-1, 1], labels int64 (N,)."""
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', got {split!r}")
+    import torch  # torch only to load: the config checks a kind without it
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -45,6 +49,8 @@ def load_digits_split(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Model-space images (N, C, H, W) in [-1, 1] -> uint8 NHWC, the ADM sample layout."""
+    import torch  # torch only for tensors: the config checks a kind without it
+
     x = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).cpu().numpy()
 

@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lsep_tune.data.base import DataIdentity, DataSource
 from lsep_tune.errors import InputError
-from lsep_tune.objectives.randomness import Draws
+
+if TYPE_CHECKING:
+    import torch
+
+    from lsep_tune.objectives.randomness import Draws
 
 IMAGE_SUFFIXES = {".jpeg", ".jpg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -68,12 +72,13 @@ class ImageFolder:
         self.classes, items = check_image_folder(path)
         self.root, self.resolution = Path(path), resolution
         self.paths = [rel for rel, _ in items]
-        self.labels = torch.as_tensor([label for _, label in items], dtype=torch.long)
+        self.labels = np.asarray([label for _, label in items], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def take(self, idx: np.ndarray, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        import torch  # torch only to load: the config checks a kind without it
         from PIL import Image
 
         flip = draws.rand() < 0.5
@@ -83,7 +88,7 @@ class ImageFolder:
                 crops.append(adm_center_crop(img.convert("RGB"), self.resolution))
         x = torch.from_numpy(np.stack(crops)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        return x, self.labels[torch.from_numpy(idx)], {}
+        return x, torch.from_numpy(self.labels[idx]), {}
 
 
 class Images(DataSource):

@@ -4,7 +4,7 @@ Every shard is memory-mapped; a worker reads only the rows of its own slice of e
 published LSEP and REPA training, a sample is not a fixed latent: each step picks the image or its
 mirror and draws z = mean + std * eps from the stored posterior, times the SD-VAE scale 0.18215.
 The flip and eps come from a generator seeded by (seed, step) that draws for the whole global batch
-(`objectives.randomness.Draws`), so they depend only on (seed, step, position in the global batch):
+(`loader.data_draws`), so they depend only on (seed, step, position in the global batch):
 the same with 1 or 8 workers, and replayed exactly on resume.
 """
 from __future__ import annotations
@@ -12,26 +12,21 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from lsep_tune.data.base import DataIdentity, DataSource
 from lsep_tune.errors import InputError
-from lsep_tune.objectives.randomness import Draws
+
+if TYPE_CHECKING:
+    import torch
+
+    from lsep_tune.objectives.randomness import Draws
 
 FORMAT = "lsep_tune-latents/1"
 SHARD = "shard-{:05d}"  # the files of shard i: SHARD.format(i) + .moments.npy, .labels.npy, ...
-DATA_STREAM = 0x5EED_DA7A  # keeps the data draws apart from the objective's draws of the same step
 MAKE_IT = "create it with python -m lsep_tune.preprocess --images IMAGE_FOLDER --out {path}"
-
-
-def data_draws(seed: int, step: int, global_batch: int, offset: int, local_batch: int) -> Draws:
-    """The data's own per-step generator: (seed, step) -> draws for every sample of the global batch."""
-    state = np.random.SeedSequence([seed, step, DATA_STREAM]).generate_state(1, np.uint64)[0]
-    g = torch.Generator(device="cpu")
-    g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
-    return Draws(g, global_batch, offset, local_batch, torch.device("cpu"))
 
 
 def read_manifest(path: str | Path) -> dict:
@@ -104,7 +99,7 @@ class LatentShards:
                 self.features.append(np.load(f"{stem}.features.npy", mmap_mode="r"))
             starts.append(starts[-1] + shard["num_images"])
         self.starts = np.asarray(starts)
-        self.labels = torch.from_numpy(np.concatenate(labels))  # small: 8 bytes an image, kept in memory
+        self.labels = np.concatenate(labels)  # small: 8 bytes an image, kept in memory
         self.latent_shape = tuple(self.manifest["latent_shape"])
 
     def __len__(self) -> int:
@@ -125,11 +120,13 @@ class LatentShards:
         return out
 
     def take(self, idx: np.ndarray, draws: Draws) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        import torch  # torch only to load: the config checks a kind without it
+
         flip = (draws.rand() < 0.5).numpy()
         eps = draws.randn(*self.latent_shape)
         moments = torch.from_numpy(self._gather(self.moments, idx, flip.astype(np.int64))).float()
         z = (moments[:, 0] + moments[:, 1] * eps) * self.scale  # (N, C, h, w)
-        y = self.labels[torch.from_numpy(idx)]
+        y = torch.from_numpy(self.labels[idx])
         extras = {}
         if self.features:
             extras["repa_target"] = torch.from_numpy(self._gather(self.features, idx, flip.astype(np.int64)))

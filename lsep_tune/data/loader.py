@@ -14,7 +14,17 @@ import numpy as np
 import torch
 
 from lsep_tune.data import DATASETS
-from lsep_tune.data.latents import data_draws
+from lsep_tune.objectives.randomness import Draws
+
+DATA_STREAM = 0x5EED_DA7A  # keeps the data draws apart from the objective's draws of the same step
+
+
+def data_draws(seed: int, step: int, global_batch: int, offset: int, local_batch: int) -> Draws:
+    """The data's own per-step generator: (seed, step) -> draws for every sample of the global batch."""
+    state = np.random.SeedSequence([seed, step, DATA_STREAM]).generate_state(1, np.uint64)[0]
+    g = torch.Generator(device="cpu")
+    g.manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return Draws(g, global_batch, offset, local_batch, torch.device("cpu"))
 
 
 def load_dataset(data_cfg, split: str = "train", features: bool = False, image_size: int | None = None):

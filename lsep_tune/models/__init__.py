@@ -1,3 +1,2 @@
-from lsep_tune.models.sit import SiT, create_model, model_names, parse_model_name, sit_from_config
-
-__all__ = ["SiT", "create_model", "model_names", "parse_model_name", "sit_from_config"]
+"""The SiT backbone (`sit`) and its sizes by name (`names`). Nothing is imported here: the config
+checks `model.name` against `names` before torch loads."""

@@ -2,7 +2,8 @@
 
 Built from timm's PatchEmbed, Attention (SDPA kernels) and Mlp. The forward pass can hand back the
 tokens after any block depths and stop early, which is all the regularizers need: LSEP's probe
-pass and SRA's student / teacher features all run through this one `forward`.
+pass and SRA's student / teacher features all run through this one `forward`. The sizes by name
+(`SiT-XL/2`) are in `names.py`, which the config reads without torch.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ import torch
 import torch.nn as nn
 from timm.layers import Mlp, PatchEmbed
 from timm.models.vision_transformer import Attention
+
+from lsep_tune.models.names import parse_model_name
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -201,33 +204,6 @@ def sincos_pos_embed_2d(dim: int, grid_size: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     return np.concatenate([embed_1d(dim // 2, grid_w), embed_1d(dim // 2, grid_h)], axis=1)
-
-
-# name -> (depth, hidden size, heads); patch size comes from the "/p" suffix.
-SIT_SIZES: dict[str, tuple[int, int, int]] = {
-    "S": (12, 384, 6),
-    "B": (12, 768, 12),
-    "L": (24, 1024, 16),
-    "XL": (28, 1152, 16),
-    # Small backbones for the embedded digits data (8x8x1 inputs, CPU).
-    "Digits": (6, 96, 4),
-    "Tiny": (4, 64, 4),
-}
-
-
-def model_names() -> list[str]:
-    names = [f"SiT-{s}/{p}" for s in ("S", "B", "L", "XL") for p in (2, 4, 8)]
-    names += [f"SiT-{s}/{p}" for s in ("Digits", "Tiny") for p in (1, 2)]
-    return names
-
-
-def parse_model_name(name: str) -> dict[str, int]:
-    """'SiT-XL/2' -> dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)."""
-    if name not in model_names():
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(model_names())}")
-    size, patch = name[len("SiT-"):].split("/")
-    depth, hidden, heads = SIT_SIZES[size]
-    return dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
 
 
 def create_model(name: str, **overrides) -> SiT:

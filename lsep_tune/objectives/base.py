@@ -2,7 +2,8 @@
 
 A regularizer is an nn.Module (its heads train with the backbone, under the same DDP wrapper) that
 names the main-pass token depths it wants, and turns one noisy batch into a weighted loss plus
-metrics. Its config class lives beside it and is registered in `objectives/__init__.py`.
+metrics. Its config class, and the directions of those metrics, live in `configs.py` without torch;
+the module is registered in `objective.REGULARIZERS`.
 """
 from __future__ import annotations
 
@@ -12,16 +13,9 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from lsep_tune.objectives.configs import RegularizerConfig
 from lsep_tune.objectives.flow import FlowBatch
 from lsep_tune.objectives.randomness import Draws
-from lsep_tune.schema import StrictModel
-
-
-class RegularizerConfig(StrictModel):
-    enabled: bool = False
-
-    def check(self, depth: int, grid: int) -> None:
-        """Raise schema.FieldError(field, message) when the setting does not fit the model."""
 
 
 @dataclass
@@ -31,10 +25,7 @@ class RegularizerOutput:
 
 
 class Regularizer(nn.Module):
-    Config: ClassVar[type[RegularizerConfig]]
-    # The metrics `forward` reports, each with the direction in which it improves (None: neither);
-    # search spaces read them here, so a new regularizer's metrics are searchable without touching search/.
-    metrics: ClassVar[dict[str, str | None]] = {}
+    Config: ClassVar[type[RegularizerConfig]]  # in configs.py, with the metrics `forward` reports
     feature_depths: tuple[int, ...] = ()
     # Where training stands, for weight schedules; the loop sets them through TrainObjective.set_step.
     step: int = 0

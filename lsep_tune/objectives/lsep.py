@@ -8,43 +8,13 @@ backbone together. The probe has its own learning rate.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
-from lsep_tune.objectives.base import Regularizer, RegularizerConfig, RegularizerOutput
+from lsep_tune.objectives.base import Regularizer, RegularizerOutput
+from lsep_tune.objectives.configs import LSEPConfig
 from lsep_tune.objectives.flow import drop_labels
-from lsep_tune.schema import FieldError
-
-
-class LSEPConfig(RegularizerConfig):
-    encoder_depth: int = Field(8, ge=1, description="the probe reads the tokens after this block")
-    uncond_prob: float = Field(0.9, ge=0.0, le=1.0, description="label-drop probability of the probe pass")
-    crop_start: int | None = Field(None, ge=1, description="smallest crop window side on the token grid; null = no crop")
-    weights_type: Literal["constant", "steps"] = "steps"
-    weight: float = Field(0.02, ge=0.0, description="lambda when weights_type is 'constant'")
-    weight_start: float = Field(0.0225, ge=0.0, description="weight of the lowest-t bin ('steps')")
-    weight_end: float = Field(0.03, ge=0.0, description="weight of the highest-t bin ('steps')")
-    n_weights: int = Field(10, ge=1, description="number of equal t bins ('steps')")
-    probe_lr: float = Field(1e-4, gt=0.0)
-    probe_weight_decay: float = Field(0.0, ge=0.0)
-    decay_start_step: int | None = Field(
-        None, ge=0, description="after this step the loss is scaled by 0.1^((step - start) / decay_period); "
-        "null = off. The published script intends this from epoch 100 over 800 epochs but never applies it")
-    decay_period: int = Field(4_003_200, ge=1, description="steps per 10x decay (800 epochs of 1.28M / 256)")
-    probe_init: Literal["xavier", "torch"] = Field(
-        "xavier", description="'xavier': xavier-uniform Linear weight, zero bias (published); 'torch': nn.Linear's own")
-    reuse_main_pass: bool = Field(True, description="take the main pass's block-k tokens for samples whose probe "
-                                  "label equals their main label (same input, t and label) instead of recomputing")
-
-    def check(self, depth: int, grid: int) -> None:
-        if self.encoder_depth > depth:
-            raise FieldError("encoder_depth", f"block depth {self.encoder_depth} is deeper than the model ({depth} blocks)")
-        if self.crop_start is not None and self.crop_start > grid:
-            raise FieldError("crop_start", f"{self.crop_start} is larger than the token grid ({grid})")
 
 
 def crop_window_mask(grid: int, window: int, top: torch.Tensor, left: torch.Tensor) -> torch.Tensor:
@@ -63,7 +33,6 @@ def step_weights(t: torch.Tensor, start: float, end: float, n: int) -> torch.Ten
 
 class LSEP(Regularizer):
     Config = LSEPConfig
-    metrics = {"lsep_ce": "min", "probe_acc": "max"}
 
     def __init__(self, cfg: LSEPConfig, hidden_size: int, num_classes: int, grid_size: int):
         super().__init__()

@@ -14,23 +14,9 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 
-from lsep_tune.objectives.base import Regularizer, RegularizerConfig, RegularizerOutput
-from lsep_tune.schema import FieldError
-
-
-class REPAConfig(RegularizerConfig):
-    encoder_depth: int = Field(4, ge=1, description="align the tokens after this block (REPA: 4 for B, 8 for XL)")
-    weight: float = Field(0.5, ge=0.0, description="lambda")
-    projector_dim: int = Field(2048, ge=1)
-    encoder: str = Field("vit_base_patch14_dinov2.lvd142m",
-                         description="timm name of the frozen encoder; must match `preprocess --encoder`")
-    encoder_dim: int = Field(768, ge=1, description="channels of the encoder's patch tokens (768: ViT-B)")
-
-    def check(self, depth: int, grid: int) -> None:
-        if self.encoder_depth > depth:
-            raise FieldError("encoder_depth", f"block depth {self.encoder_depth} is deeper than the model ({depth} blocks)")
+from lsep_tune.objectives.base import Regularizer, RegularizerOutput
+from lsep_tune.objectives.configs import REPAConfig
 
 
 def match_grid(target: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -46,7 +32,6 @@ def match_grid(target: torch.Tensor, tokens: int) -> torch.Tensor:
 
 class REPA(Regularizer):
     Config = REPAConfig
-    metrics = {"repa_loss": "min"}
 
     def __init__(self, cfg: REPAConfig, hidden_size: int, num_classes: int, grid_size: int):
         super().__init__()

@@ -6,44 +6,13 @@ labels at a lower noise level t - U(0, t_max). The teacher gets no gradient and 
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import Field
 from timm.layers import Mlp
 
-from lsep_tune.objectives.base import Regularizer, RegularizerConfig, RegularizerOutput
-from lsep_tune.schema import FieldError
-
-
-class SRAConfig(RegularizerConfig):
-    block_out_s: int = Field(4, ge=1, description="student block (higher noise)")
-    block_out_t: int = Field(8, ge=1, description="EMA-teacher block (lower noise)")
-    t_max: float = Field(0.2, ge=0.0, le=1.0, description="teacher t = clamp(t - U(0, t_max), 0, 1)")
-    loss_type: Literal["cos", "sml1", "l1", "l2"] = "cos"
-    cos_axis: Literal["features", "tokens"] = Field(
-        "features",
-        description="'features': cosine per token over channels; 'tokens': per channel across tokens, "
-        "which is what the published code's dim=1 call on (N, T, D) computes",
-    )
-    smooth_l1_beta: float = Field(0.05, gt=0.0)
-    weight: float = Field(0.5, ge=0.0, description="the loss weight (before decay_start_epoch when decaying)")
-    weight_schedule: Literal["constant", "epoch_decay"] = Field(
-        "constant", description="'epoch_decay': weight * 0.1^((epoch - decay_start_epoch) / decay_period_epochs) "
-        "after decay_start_epoch, the published non-cosine runs (epoch = step // steps per epoch)")
-    decay_start_epoch: int = Field(149, ge=0, description="published: 149 at 256 px, 99 at 512 px")
-    decay_period_epochs: float = Field(1000.0, gt=0.0, description="published: 1000 at 256 px, 800 at 512 px")
-    head_mult: int = Field(2, ge=1, description="student head: hidden -> head_mult*hidden -> hidden")
-    head_init: Literal["xavier", "torch"] = Field(
-        "xavier", description="'xavier': xavier-uniform weights, zero biases (published); 'torch': nn.Linear's own")
-
-    def check(self, depth: int, grid: int) -> None:
-        for name in ("block_out_s", "block_out_t"):
-            value = getattr(self, name)
-            if value > depth:
-                raise FieldError(name, f"block depth {value} is deeper than the model ({depth} blocks)")
+from lsep_tune.objectives.base import Regularizer, RegularizerOutput
+from lsep_tune.objectives.configs import SRAConfig
 
 
 def alignment_loss(student: torch.Tensor, teacher: torch.Tensor, cfg: SRAConfig) -> torch.Tensor:
@@ -75,7 +44,6 @@ def xavier_init(module: nn.Module) -> None:
 
 class SRA(Regularizer):
     Config = SRAConfig
-    metrics = {"sra_loss": "min"}
 
     def __init__(self, cfg: SRAConfig, hidden_size: int, num_classes: int, grid_size: int):
         super().__init__()

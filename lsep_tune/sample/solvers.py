@@ -19,8 +19,9 @@ Two earlier variants stay under explicit names, for comparison with runs made be
 velocity alone) and ``ode-heun-full`` (the corrector on every step, guidance decided by the time
 of each evaluation).
 
-To add a sampler: write one `Solver` subclass here and add one line to SOLVERS; `sampling.mode` and
-the sample command's `--sampler` accept its name.
+To add a sampler: write one `Solver` subclass here, add one line to SOLVERS and one to
+options.SOLVER_MIN_STEPS (read without torch); `sampling.mode` and the sample command's `--sampler`
+accept its name.
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ def prepare(args):
 
     cli.positive("--num-samples", args.num_samples)
     cli.positive("--max-concurrent", args.max_concurrent)
-    from lsep_tune.search.space import load_space  # config validation imports torch: after the flags
+    from lsep_tune.search.space import load_space  # pydantic and the config's registries: after the flags
 
     if args.resume and args.space is None:  # the search goes on with the space it ran (--smoke included)
         output = resolve_output(args, DEFAULT_SPACE)

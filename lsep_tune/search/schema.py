@@ -2,15 +2,16 @@
 searcher and scheduler are checked here (discriminated unions on `type`); what needs the base config
 (fields, conditions, metrics, evaluation steps) is checked in space.py.
 
-To add a searcher: a model here with its Optuna sampler's own argument names and the sampler class,
-and one line in SEARCHERS.
+To add a searcher: a model here with its Optuna sampler's own argument names and the sampler's name
+in optuna.samplers, and one line in SEARCHERS.
+
+Nothing here imports Optuna: a space file is checked before Optuna (or torch) loads, and Optuna is
+asked for values and samplers only once the search runs (`suggest`, searcher.make_sampler).
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal, Union
 
-import optuna.distributions as od
-import optuna.samplers
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, TypeAdapter, model_validator
 
 from lsep_tune.cluster import TrialResources
@@ -24,7 +25,7 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-# ----- parameters: each one an optuna.distributions object ------------------------------------------
+# ----- parameters: each one the domain of an Optuna suggest_* call ------------------------------------
 
 class _Param(Strict):
     when: dict[str, Union[Scalar, list[Scalar]]] | None = None
@@ -57,6 +58,7 @@ class Uniform(_Range):
     low: float
     high: float
     step: float | None = Field(None, gt=0)
+    log: ClassVar[bool] = False
 
     @model_validator(mode="after")
     def _check_step(self):
@@ -67,25 +69,19 @@ class Uniform(_Range):
                                  f"the step {self.step:g}")
         return self
 
-    @property
-    def distribution(self) -> od.FloatDistribution:
-        return od.FloatDistribution(self.low, self.high, step=self.step)
-
 
 class LogUniform(_Range):
     type: Literal["loguniform"]
     low: float
     high: float
+    step: ClassVar[None] = None
+    log: ClassVar[bool] = True
 
     @model_validator(mode="after")
     def _check_positive(self):
         if self.low <= 0:
             raise FieldError("low", f"expected > 0 for a loguniform (log-scale) distribution (got {self.low})")
         return self
-
-    @property
-    def distribution(self) -> od.FloatDistribution:
-        return od.FloatDistribution(self.low, self.high, log=True)
 
 
 class Int(_Range):
@@ -103,10 +99,6 @@ class Int(_Range):
             raise FieldError("log", "a log-scale int needs step 1 and low >= 1")
         return self
 
-    @property
-    def distribution(self) -> od.IntDistribution:
-        return od.IntDistribution(self.low, self.high, log=self.log, step=self.step)
-
 
 class Choice(_Param):
     type: Literal["choice"]
@@ -118,10 +110,6 @@ class Choice(_Param):
             if any(same(value, other) for other in self.values[:i]):
                 raise FieldError(f"values[{i}]", f"{value!r} is listed twice")
         return self
-
-    @property
-    def distribution(self) -> od.CategoricalDistribution:
-        return od.CategoricalDistribution(self.values)
 
 
 Param = Annotated[Union[Uniform, LogUniform, Int, Choice], Field(discriminator="type")]
@@ -137,35 +125,35 @@ def same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def suggest(trial, name: str, dist: od.BaseDistribution) -> Any:
-    """Ask an Optuna trial (or Ray's suggest captor around one) for a value of `dist`."""
-    if isinstance(dist, od.CategoricalDistribution):
-        return trial.suggest_categorical(name, list(dist.choices))
-    if isinstance(dist, od.IntDistribution):
-        return trial.suggest_int(name, dist.low, dist.high, step=dist.step, log=dist.log)
-    return trial.suggest_float(name, dist.low, dist.high, step=dist.step, log=dist.log)
+def suggest(trial, name: str, param: Param) -> Any:
+    """Ask an Optuna trial (or Ray's suggest captor around one) for a value of `param`'s domain."""
+    if param.type == "choice":
+        return trial.suggest_categorical(name, list(param.values))
+    if param.type == "int":
+        return trial.suggest_int(name, param.low, param.high, step=param.step, log=param.log)
+    return trial.suggest_float(name, param.low, param.high, step=param.step, log=param.log)
 
 
-def contains(dist: od.BaseDistribution, value: Any) -> bool:
-    """Whether `dist` can produce `value` (true is not 1; an int domain holds no 2.5)."""
-    if isinstance(dist, od.CategoricalDistribution):
-        return any(same(value, v) for v in dist.choices)
+def contains(param: Param, value: Any) -> bool:
+    """Whether `param`'s domain holds `value` (true is not 1; an int domain holds no 2.5)."""
+    if param.type == "choice":
+        return any(same(value, v) for v in param.values)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return False
-    if isinstance(dist, od.IntDistribution) and not isinstance(value, int):
+    if param.type == "int" and not isinstance(value, int):
         return False
-    if not dist.low <= value <= dist.high:
+    if not param.low <= value <= param.high:
         return False
-    if dist.step is None:
+    if param.step is None:
         return True
-    k = (value - dist.low) / dist.step
+    k = (value - param.low) / param.step
     return abs(k - round(k)) < 1e-8
 
 
 # ----- searchers and schedulers: their fields are the libraries' own argument names ----------------
 
 class TPE(Strict):
-    sampler: ClassVar[type] = optuna.samplers.TPESampler
+    sampler: ClassVar[str] = "TPESampler"  # in optuna.samplers
     type: Literal["tpe"]
     seed: int | None = None
     n_startup_trials: int | None = Field(None, ge=0)
@@ -181,13 +169,13 @@ class TPE(Strict):
 
 
 class Random(Strict):
-    sampler: ClassVar[type] = optuna.samplers.RandomSampler
+    sampler: ClassVar[str] = "RandomSampler"
     type: Literal["random"]
     seed: int | None = None
 
 
 class NSGA2(Strict):
-    sampler: ClassVar[type] = optuna.samplers.NSGAIISampler
+    sampler: ClassVar[str] = "NSGAIISampler"
     type: Literal["nsga2"]
     seed: int | None = None
     population_size: int | None = Field(None, ge=2)

@@ -28,7 +28,7 @@ def make_sampler(spec: dict):
     options = {k: v for k, v in spec.items() if k != "type"}
     with warnings.catch_warnings():  # TPE's `group` is opted into on purpose for conditional spaces
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return SEARCHERS[spec["type"]].sampler(**options)
+        return getattr(optuna.samplers, SEARCHERS[spec["type"]].sampler)(**options)
 
 
 def penalty(mode: str) -> float:

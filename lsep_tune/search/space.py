@@ -6,7 +6,8 @@ pydantic models in schema.py; what needs the base config (fields, conditions, me
 steps, known-good points) is checked here. `SearchSpace.define_by_run` gives
 Optuna (directly or through Ray Tune's `OptunaSearch`) a conditional space; `trial_config` turns
 the sampled dotted values back into a validated `Config`. The format is documented in
-search_spaces/README.md.
+search_spaces/README.md. Loading imports neither torch nor Optuna, so a bad file is refused before
+either loads; Optuna comes in only with the sampler (`SearchSpace.sampler`).
 """
 from __future__ import annotations
 
@@ -24,14 +25,11 @@ from lsep_tune.cluster import TrialResources
 from lsep_tune.config import Config, RunConfig, load_base, read_yaml, set_path, validate
 from lsep_tune.data import DATASETS
 from lsep_tune.errors import InputError
-from lsep_tune.evaluation.in_training import EVAL_METRICS, UNCERTAINTY_OF
-from lsep_tune.objectives import REGULARIZERS, TrainObjective
+from lsep_tune.objectives.configs import OBJECTIVE_METRICS, REGULARIZER_CONFIGS
 from lsep_tune.schema import explain
 from lsep_tune.search.schema import (
     PARAM, SCHEDULER, SEARCHER, TAGGED, ConfirmConfig, Metric, SpaceFile, contains, same, suggest,
 )
-from lsep_tune.search.searcher import make_sampler
-from lsep_tune.train.metrics import LOOP_METRICS
 
 # Shipped spaces are package data (search_spaces/ in the checkout, lsep_tune/search_spaces once installed).
 SPACES_DIR = Path(str(resources.files("lsep_tune.search_spaces"))).resolve()
@@ -40,6 +38,13 @@ SPACES_DIR = Path(str(resources.files("lsep_tune.search_spaces"))).resolve()
 OWNED_FIELDS = {"run.max_steps": "budget.max_steps", "run.log_every": "report_every"}
 SMOKE_STEPS = 40
 SMOKE_EVAL_SAMPLES = 100
+
+# What the training loop and the in-training evaluation report, mirrored from train.metrics.LOOP_METRICS
+# and evaluation.in_training (EVAL_METRICS, UNCERTAINTY_OF), whose modules import torch; tests/test_startup.py
+# checks that they agree.
+LOOP_METRICS = {"grad_norm": None, "lr": None, "train_cost": "min"}
+EVAL_METRICS = {"fid": "min", "fid_std": None, "isc_mean": "max", "isc_std": None}
+UNCERTAINTY_OF = {"fid_std": "fid", "isc_std": "isc_mean"}
 
 
 class SpaceError(InputError):
@@ -75,11 +80,11 @@ class Reported:
 
 @cache
 def reported_metrics() -> dict[str, Reported]:
-    """Every metric a trial can report, read from its owners: the objective and each registered
-    regularizer, the training loop, the in-training evaluation."""
-    out = {name: Reported(d) for name, d in {**TrainObjective.metrics, **LOOP_METRICS}.items()}
-    for reg_name, reg in REGULARIZERS.items():
-        out.update({name: Reported(d, regularizer=reg_name) for name, d in reg.metrics.items()})
+    """Every metric a trial can report: the objective's and each registered regularizer's (read from
+    objectives.configs), the training loop's and the in-training evaluation's (mirrored above)."""
+    out = {name: Reported(d) for name, d in {**OBJECTIVE_METRICS, **LOOP_METRICS}.items()}
+    for reg_name, config in REGULARIZER_CONFIGS.items():
+        out.update({name: Reported(d, regularizer=reg_name) for name, d in config.metrics.items()})
     out.update({name: Reported(d, evaluation=True, uncertainty_of=UNCERTAINTY_OF.get(name))
                 for name, d in EVAL_METRICS.items()})
     return out
@@ -101,11 +106,10 @@ def _related(a: str, b: str) -> bool:
 def describe(param) -> str:
     if param.type == "choice":
         return f"choice of {_show(param.values)}"
-    d = param.distribution
-    text = f"{param.type} [{d.low}, {d.high}]"
-    if d.step is not None and not (param.type == "int" and d.step == 1):
-        text += f" step {d.step}"
-    return text + (" (log)" if d.log else "")
+    text = f"{param.type} [{param.low}, {param.high}]"
+    if param.step is not None and not (param.type == "int" and param.step == 1):
+        text += f" step {param.step}"
+    return text + (" (log)" if param.log else "")
 
 
 def normalize(param, value: Any) -> Any:
@@ -120,10 +124,10 @@ def probes(param) -> list[tuple[str, Any]]:
     each choice, and an interior fractional value (which an integer field rejects)."""
     if param.type == "choice":
         return [(f"values[{i}]", v) for i, v in enumerate(param.values)]
-    d = param.distribution
-    out: list[tuple[str, Any]] = [("low", d.low), ("high", d.high)]
-    if param.type != "int" and d.step is None and d.high > d.low:
-        out.append(("type", d.low * (d.high / d.low) ** 0.37 if d.log else d.low + 0.37 * (d.high - d.low)))
+    lo, hi = param.low, param.high
+    out: list[tuple[str, Any]] = [("low", lo), ("high", hi)]
+    if param.type != "int" and param.step is None and hi > lo:
+        out.append(("type", lo * (hi / lo) ** 0.37 if param.log else lo + 0.37 * (hi - lo)))
     return out
 
 
@@ -144,7 +148,7 @@ class SearchTrials:
         for key, value in params.items():
             if key not in self.params:
                 _fail(self.source, f"trial params.{key}", f"not a searched param (searched: {', '.join(self.params)})")
-            if not contains(self.params[key].distribution, value):
+            if not contains(self.params[key], value):
                 domain = describe(self.params[key])
                 _fail(self.source, f"trial params.{key}", f"{_show(value)} is outside the domain {domain}")
             set_path(data, key, value)
@@ -230,7 +234,7 @@ class SearchSpace:
         for path in self.order:
             param = self.params[path]
             if self._active(param, values):
-                values[path] = suggest(trial, path, param.distribution)
+                values[path] = suggest(trial, path, param)
         return values
 
     def trial_config(self, params: Mapping[str, Any]) -> Config:
@@ -244,6 +248,8 @@ class SearchSpace:
 
     def sampler(self):
         """A fresh Optuna sampler for this space's searcher (samplers hold state: one per study)."""
+        from lsep_tune.search.searcher import make_sampler  # Optuna and Ray: a space is checked without them
+
         return make_sampler(self.searcher_spec)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,8 +277,7 @@ class SearchSpace:
             return {int(self._base_flat["run.seed"])}
         if param.type == "choice":
             return {int(v) for v in param.values}
-        d = param.distribution
-        return set(range(int(d.low), int(d.high) + 1))
+        return set(range(int(param.low), int(param.high) + 1))
 
     def with_overrides(self, num_samples: int | None = None, max_concurrent: int | None = None) -> "SearchSpace":
         """A copy with command-line budget changes, validated like the file."""
@@ -608,7 +613,7 @@ class SearchSpace:
                 continue
             given = path in point
             value = normalize(param, point[path] if given else self._base_flat[path])
-            if not contains(param.distribution, value):
+            if not contains(param, value):
                 origin = "" if given else " (the base value, taken because the point leaves it out)"
                 self._fail(f"{where}.{path}", f"{_show(value)}{origin} is outside the domain {describe(param)}")
             done[path] = value

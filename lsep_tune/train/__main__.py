@@ -46,7 +46,7 @@ def resolve(args: argparse.Namespace):
     if args.max_steps is not None:
         cli.positive("--max-steps", args.max_steps)
         overrides.append(f"run.max_steps={args.max_steps}")
-    from lsep_tune.config import load_config  # the config's registries import torch: after the flags
+    from lsep_tune.config import load_config  # pydantic and the config's registries: after the flags
 
     if args.resume:
         run_dir = Path(args.resume)

@@ -12,8 +12,9 @@ from timm.utils import ModelEmaV3
 from lsep_tune import published
 from lsep_tune.config import Config
 from lsep_tune.data.loader import StepBatches, load_dataset
-from lsep_tune.models import sit_from_config
-from lsep_tune.objectives import Draws, TrainObjective
+from lsep_tune.models.sit import sit_from_config
+from lsep_tune.objectives.objective import TrainObjective
+from lsep_tune.objectives.randomness import Draws
 from lsep_tune.train.context import TrainContext
 
 
