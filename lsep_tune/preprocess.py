@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from lsep_tune.data.digits import load_digits_split, to_uint8
+from lsep_tune.data.images import IMAGE_SUFFIXES, adm_center_crop, scan_class_folders
+from lsep_tune.data.latents import FORMAT, SHARD
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 from lsep_tune.files import atomic_write, require_writable_dir
 
@@ -36,7 +39,6 @@ def read_and_crop(batch: dict, root: str, resolution: int) -> dict:
     """Ray Data task: paths -> uint8 (B, R, R, 3) crops; an unreadable file gets ok=False."""
     from PIL import Image
 
-    from lsep_tune.data.images import adm_center_crop  # torch: kept off the command's start-up
 
     images = np.zeros((len(batch["path"]), resolution, resolution, 3), dtype=np.uint8)
     ok = np.ones(len(batch["path"]), dtype=bool)
@@ -176,7 +178,6 @@ def plan_digest(items: list[tuple[str, int]], settings: dict) -> str:
 
 def finished_record(out: Path, index: int, digest: str) -> dict | None:
     """The shard's record if it was completed from the same plan and its files are intact in size."""
-    from lsep_tune.data.latents import SHARD  # torch: kept off the command's start-up
 
     record_path = out / f"{SHARD.format(index)}.json"
     try:
@@ -194,7 +195,6 @@ def finished_record(out: Path, index: int, digest: str) -> dict | None:
 
 def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: list[str]) -> dict:
     """Arrays first (each via a temporary name), the record last: a record means a complete shard."""
-    from lsep_tune.data.latents import SHARD  # torch: kept off the command's start-up
 
     stem = SHARD.format(index)
     arrays = {"moments": np.stack([r["moments"] for r in rows]) if rows else np.zeros((0,), np.float16),
@@ -216,7 +216,6 @@ def write_shard(out: Path, index: int, digest: str, rows: list[dict], skipped: l
 def write_manifest(out: Path, shards: list[dict], resolution: int, vae: str, images: str,
                    classes: dict[str, int], encoder: dict | None) -> dict:
     """manifest.json from the shard records; written last, so its presence means a complete dataset."""
-    from lsep_tune.data.latents import FORMAT, SHARD  # torch: kept off the command's start-up
 
     first = next((r for r in shards if r["num_images"]), None)
     if first is None:
@@ -306,7 +305,6 @@ def export_digits(folder: Path) -> int:
     """The embedded digits as PNG class folders, so the whole ImageNet path can be tried offline."""
     from PIL import Image
 
-    from lsep_tune.data.digits import load_digits_split, to_uint8  # torch: kept off the command's start-up
 
     images, labels = load_digits_split("train")
     pixels = to_uint8(images)[..., 0]
@@ -317,7 +315,6 @@ def export_digits(folder: Path) -> int:
 
 
 def check_args(args) -> tuple[Path, Path, dict[str, int], list[tuple[str, int]]]:
-    from lsep_tune.data.images import IMAGE_SUFFIXES, scan_class_folders  # torch: kept off the command's start-up
 
     if not args.images or not args.out:
         raise InputError("preprocess", "--images/--out", "both are required (or --export-digits DIR)")
@@ -344,7 +341,6 @@ def run(args, ray_session) -> dict:
     from tqdm import tqdm
 
     from lsep_tune import vae as vae_mod  # torch: kept off the command's start-up
-    from lsep_tune.data.latents import FORMAT  # torch: kept off the command's start-up
 
     root, out, class_map, items = check_args(args)
     vae = load_vae_any(args.vae)
