@@ -17,9 +17,10 @@ from pathlib import Path
 from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 
-# The library half (lsep_tune.search.ablation: the arms file, the tables, the run; it loads scipy,
-# torch and Ray) is imported by the functions that use it, once the flags are checked, so
-# `python -m lsep_tune.ablate` answers --help and a bad flag before any of them loads.
+# The library half is imported by the functions that use it, once the flags are checked, so
+# `python -m lsep_tune.ablate` answers --help and a bad flag before any of it loads: the arms file
+# (lsep_tune.search.arms_file: pydantic and the config's registries, no torch, so a bad file is refused
+# before torch too), then the tables and the run (lsep_tune.search.ablation: scipy, torch and Ray).
 
 
 # ----- the command line: the only place that knows the flags ----------------------------------------
@@ -49,7 +50,7 @@ def prepare(args):
     if args.max_steps is not None and args.max_steps < 1:
         raise InputError("max_steps", args.max_steps, "expected a positive integer")
     from lsep_tune import tracking
-    from lsep_tune.search.ablation import load_ablation  # torch, Ray: see the note at the imports
+    from lsep_tune.search.arms_file import load_ablation  # see the note at the imports
 
     spec, arms, source = load_ablation(args.arms, args.seeds, args.max_steps)
     for arm in arms:  # a missing or mismatched dataset, before any run

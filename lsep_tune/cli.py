@@ -78,10 +78,10 @@ def check_output(output: str | Path) -> None:
 
 def check_trial_fits_here(trial, source: str, address: str | None) -> None:
     """On a local Ray, one `trial` (cluster.TrialResources) must fit this machine (a cluster is checked once joined)."""
-    from lsep_tune.cluster import check_trial_fits, machine_resources, ray_address  # torch: off start-up
+    from lsep_tune.cluster import check_trial_fits, machine_resources, ray_address  # torch, for GPUs: off start-up
 
-    if not ray_address(address):
-        check_trial_fits(trial, source, machine_resources(), "this machine")
+    if not ray_address(address):  # GPUs are counted (by torch) only for a trial that asks for some
+        check_trial_fits(trial, source, machine_resources(gpus=trial.gpus_per_worker > 0), "this machine")
 
 
 # ----- the Ray session ----------------------------------------------------------------------------

@@ -53,11 +53,14 @@ def local_device(name: str | None = None) -> torch.device:
     return device
 
 
-def machine_resources(num_cpus: int | None = None) -> dict[str, float]:
-    """What a local Ray started here would offer: the CPUs this process may use and the visible GPUs."""
+def machine_resources(num_cpus: int | None = None, gpus: bool = True) -> dict[str, float]:
+    """What a local Ray started here would offer: the CPUs this process may use and the visible GPUs;
+    with `gpus` false (for a request of no GPUs) the CPUs alone, and torch is not imported."""
+    cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    if not gpus:
+        return {"CPU": float(cpus)}
     import torch  # for the GPU count (see local_device)
 
-    cpus = num_cpus or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     return {"CPU": float(cpus), "GPU": float(torch.cuda.device_count())}
 
 

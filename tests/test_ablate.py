@@ -8,7 +8,8 @@ import yaml
 
 from lsep_tune.ablate import main
 from lsep_tune.errors import InputError
-from lsep_tune.search.ablation import load_ablation, table_rows, write_tables
+from lsep_tune.search.ablation import table_rows, write_tables
+from lsep_tune.search.arms_file import load_ablation
 
 # On a loaded shared machine a Ray Train worker group can take more than Ray's default 60 s to start;
 # set before the module's local Ray starts, so its workers inherit it.

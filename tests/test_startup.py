@@ -35,16 +35,29 @@ params:
 metric: {name: lsep_ce}
 budget: {num_samples: 2}
 """
+# An arms file that loads, likewise.
+ARMS = """base: {preset: digits}
+arms:
+  none: {objective.lsep.enabled: false}
+  lsep: {}
+metrics: [flow_loss]
+"""
 FILES = {
     "config.yaml": "optim: {lr: -1}\n",
     "syntax.yaml": "base: {preset: digits\nparams: [\n",
     "budget.yaml": SPACE.replace("num_samples: 2", "num_samples: 0"),
     "domain.yaml": SPACE.replace("high: 1.0", "high: 2.0"),
     "metric.yaml": SPACE.replace("lsep_ce", "sra_loss"),
+    "arms-seeds.yaml": ARMS + "seeds: 1\n",
+    "arms-field.yaml": ARMS.replace("lsep: {}", "lsep: {optim.lrr: 1.0}"),
+    "arms-lr.yaml": ARMS.replace("lsep: {}", "lsep: {optim.lr: abc}"),
+    "arms-data.yaml": ARMS.replace("lsep: {}", "lsep: {data.kind: images, data.path: missing}"),
+    "arms-workers.yaml": ARMS + "budget: {workers_per_trial: 100000}\n",
 }
 DIGITS = ["--preset", "digits", "--set"]
 # (command, arguments, what the one line names): the config's, the data kinds', the model names', the
-# solvers' and the regularizers' checks, and a search space's name, file, YAML and values.
+# solvers' and the regularizers' checks, a search space's name, file, YAML and values, and an arms
+# file's name, file, YAML, values, arm configs, data and (CPU-only) trial size.
 BAD_INPUT = [
     ("train", [*DIGITS, "optim.lr=abc"], "optim.lr: Input should be a valid number"),
     ("train", ["--config", "missing.yaml"], "missing.yaml: cannot read"),
@@ -63,6 +76,14 @@ BAD_INPUT = [
     ("search", ["--space", "budget.yaml"], "budget.yaml: budget.num_samples: expected >= 1"),
     ("search", ["--space", "domain.yaml"], "domain.yaml: params.objective.lsep.uncond_prob.high: Input should be"),
     ("search", ["--space", "metric.yaml"], "metric.yaml: metric.name: sra_loss is reported only when"),
+    ("ablate", ["--arms", "nope"], "--arms: nope: no such file or shipped arms (digits"),
+    ("ablate", ["--arms", "missing.yaml"], "missing.yaml: <file>: cannot read"),
+    ("ablate", ["--arms", "syntax.yaml"], "syntax.yaml: <file>: invalid YAML"),
+    ("ablate", ["--arms", "arms-seeds.yaml"], "arms-seeds.yaml: seeds: Input should be greater than or equal to 2"),
+    ("ablate", ["--arms", "arms-field.yaml"], "arms-field.yaml: arms.lsep.optim.lrr: not a config field"),
+    ("ablate", ["--arms", "arms-lr.yaml"], "arms-lr.yaml (arm lsep): optim.lr: Input should be a valid number"),
+    ("ablate", ["--arms", "arms-data.yaml"], "missing: data.path: no such folder"),
+    ("ablate", ["--arms", "arms-workers.yaml"], "budget.workers_per_trial: one trial needs more than this machine"),
 ]
 
 

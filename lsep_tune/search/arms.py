@@ -3,14 +3,14 @@
 
 Every (arm, seed) is one Tune trial through the search's own trial function, with its nested MLflow
 run tagged by role, arm and seed; `run_arms` returns each run's final report, `values_of` turns
-those into per-seed values for `lsep_tune.stats`.
+those into per-seed values for `lsep_tune.stats`. `Arm` itself is defined in `search/arms_file.py`,
+beside the arms file's loader, so that reading an arms file needs no Ray.
 """
 from __future__ import annotations
 
 import math
 import os
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,22 +19,13 @@ from ray import tune
 from lsep_tune import stats
 from lsep_tune.cluster import TrialResources, trial_resources
 from lsep_tune.config import Config, validate
+from lsep_tune.search.arms_file import Arm
 from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.trials import TrialRuns, end_unfinished_runs, live_table, trial_main
 
 ROLE_TAG = "lsep_tune.role"
 ARM_TAG = "lsep_tune.arm"
 SEED_TAG = "lsep_tune.seed"
-
-
-@dataclass
-class Arm:
-    """One configuration to train on every seed: a name, the params that define it, its Config."""
-
-    name: str
-    params: dict[str, Any]
-    config: Config
-    origin: str = ""  # where it came from (a search trial id, points_to_evaluate[0], an arms file)
 
 
 class ArmTrials:

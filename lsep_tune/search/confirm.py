@@ -20,7 +20,8 @@ from typing import Any
 from lsep_tune import stats, tracking
 from lsep_tune.cluster import TrialResources
 from lsep_tune.config import Config, dump_config, validate
-from lsep_tune.search.arms import Arm, bar_chart, clean_json, metric_key, run_arms, values_of
+from lsep_tune.search.arms import bar_chart, clean_json, metric_key, run_arms, values_of
+from lsep_tune.search.arms_file import Arm
 from lsep_tune.search.report import value
 from lsep_tune.search.schema import ConfirmConfig
 from lsep_tune.search.trials import SearchPaths
