@@ -99,6 +99,9 @@ def test_a_submitted_search_is_followed_stopped_and_resumed(tmp_path, mlflow_ser
     assert [t.state for t in study.trials].count(optuna.trial.TrialState.COMPLETE) == 1
     assert len(study.trials) <= 2
     first_done = {p.parent.name: p.stat().st_mtime for p in out.glob("trial_runs/*/summary.json")}
+    # The second trial ran in the process the first one left (Tune's reuse_actors): one start-up, one pid.
+    reports = [json.loads(line) for f in out.glob("tune/search/*/result.json") for line in f.read_text().splitlines()]
+    assert len({r["trial_id"] for r in reports}) == 2 and len({r["pid"] for r in reports}) == 1, reports
 
     # --resume on the same folder (here with a local Ray of its own) finishes the search.
     resumed = subprocess.run([sys.executable, "-m", "lsep_tune.search", "--output", str(out), "--resume"],

@@ -64,7 +64,8 @@ def run_arms(arms: list[Arm], seeds: list[int], resources: TrialResources, paths
         trainable,
         # seed-major: the runs that will be compared with each other finish close together
         param_space={"seed": tune.grid_search(list(seeds)), "arm": tune.grid_search([a.name for a in arms])},
-        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=resources.max_concurrent),
+        tune_config=tune.TuneConfig(num_samples=1, max_concurrent_trials=resources.max_concurrent,
+                                    reuse_actors=True),  # one start-up per slot, as the search's
         run_config=tune.RunConfig(name=role, storage_path=str(paths.tune_root),
                                   # once more after a lost worker (e.g. a node out of memory); it
                                   # resumes from its checkpoint into the same MLflow run

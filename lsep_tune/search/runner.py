@@ -234,6 +234,9 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                 metric=space.metric_names[0] if single else None,
                 mode=space.modes[0] if single else None,
                 time_budget_s=space.budget.time_budget_s,
+                # the next trial runs in the process the last one left (Tune resets it): each trial's
+                # start-up (a Python process importing torch and the trainer) is paid once per slot
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(name="search", storage_path=str(paths.tune_root),
                                       # a trial whose process died (a lost node) starts again, up to max_failures
