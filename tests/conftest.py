@@ -90,9 +90,10 @@ class MlflowServer:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with a sqlite store and served artifacts."""
+    """A real `mlflow server` on 127.0.0.1 with a sqlite store and served artifacts, shared by every test
+    of the session (each reads back only its own runs: by run id, parent run id or a model name of its own)."""
     server = MlflowServer(tmp_path_factory.mktemp("mlflow"))
     yield server
     server.stop()
@@ -191,8 +192,10 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory):
+    """One `ray start` cluster (3 CPUs) for the session's submitted jobs and resumed searches: a job
+    ends with its driver, and each test reads back only its own job, folder and runs."""
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
     yield head
     head.stop()
@@ -252,14 +255,16 @@ class LoopbackCluster:
         self.temp_dir = tempfile.mkdtemp(prefix="raycl-", dir="/tmp")  # short: Ray's socket paths must fit
         self.common = {"node_ip_address": "127.0.0.1", "temp_dir": self.temp_dir, "include_dashboard": False,
                        "object_store_memory": 80 * 1024 * 1024}
-        self.nodes: list = []
+        self.nodes: list = []  # the live worker nodes
         # A raylet exits when its dashboard agent has not written its port within ~15 s (no setting
         # in Ray 2.60 changes it): on a loaded machine the agent's imports alone can take longer.
         for attempt in range(3):
+            self.nodes = []
             try:
                 self.cluster = Cluster(initialize_head=True,
                                        head_node_args={"num_cpus": 0, **self.ports(), **self.common})
-                self.nodes = [self.add_node(cpus) for cpus in worker_cpus]
+                for cpus in worker_cpus:
+                    self.add_node(cpus)
                 break
             except Exception as err:
                 if "timed out during startup" not in str(err) or attempt == 2:
@@ -281,8 +286,10 @@ class LoopbackCluster:
         return self.cluster.address
 
     def add_node(self, num_cpus: int = 1):
+        """One more worker node (`nodes` lists the live ones), once the cluster has registered it."""
         node = self.cluster.add_node(num_cpus=num_cpus, **self.ports(), **self.common)
         self.cluster.wait_for_nodes()
+        self.nodes.append(node)
         return node
 
     def kill(self, node) -> None:
@@ -310,9 +317,18 @@ class LoopbackCluster:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def loopback_cluster():
-    """A head (no CPUs) and two 1-CPU worker nodes on 127.0.0.1; the test may add or kill nodes."""
-    cluster = LoopbackCluster()
+@pytest.fixture(scope="module")
+def _loopback_cluster():
+    cluster = LoopbackCluster(worker_cpus=(1, 1, 1))
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def loopback_cluster(_loopback_cluster):
+    """A head (no CPUs) and three 1-CPU worker nodes on 127.0.0.1, shared by a module's tests (a cluster
+    costs a raylet start per node); the test may kill nodes and add replacements. One that lost a node
+    and failed before replacing it leaves the next test a node short: it is made up here."""
+    for _ in range(3 - len(_loopback_cluster.nodes)):
+        _loopback_cluster.add_node(1)
+    return _loopback_cluster

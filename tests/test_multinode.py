@@ -26,6 +26,12 @@ def checkpoint_steps(trial: Path) -> list[int]:
     return sorted(int(p.parent.name.split("_")[-1]) for p in trial.glob("checkpoints/step_*/state.pt"))
 
 
+def alive_actors(cluster, name: str) -> list[dict]:
+    """The cluster's live actors whose class name holds `name` (Tune's trials: ImplicitFunc)."""
+    return [a for a in cluster.cluster.global_state.actor_table(None).values()
+            if str(a["State"]) in ("ALIVE", "2") and name in a["ActorClassName"]]
+
+
 def ends_as_the_uninterrupted_trial(out: Path, summary: dict, lost: str, kept: str) -> None:
     """The interrupted trial `lost` ends as `kept`, the uninterrupted one of the same point and seed: the
     same searched metric and final losses, each step once in its history and in MLflow, both runs FINISHED."""
@@ -49,9 +55,9 @@ def ends_as_the_uninterrupted_trial(out: Path, summary: dict, lost: str, kept: s
 
 
 def test_lost_node_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server, loopback_cluster):
-    """Two one-worker trials on two nodes; one node is killed (SIGKILL, no grace) once both hold a
-    checkpoint, and a replacement node joins: the interrupted trial starts again there from its latest
-    checkpoint on the shared search folder and ends exactly as the uninterrupted one."""
+    """Two one-worker trials on two nodes; one of their nodes is killed (SIGKILL, no grace) once both hold
+    a checkpoint, and a replacement node joins: the interrupted trial starts again on a live node from
+    its latest checkpoint on the shared search folder and ends exactly as the uninterrupted one."""
     cluster = loopback_cluster
     space = write_space(tmp_path / "space.yaml", [POINT, POINT], num_samples=2, max_concurrent=2, max_steps=MAX_STEPS,
                         scheduler={"type": "none"}, report_every=2, overrides={"run.ckpt_every": CKPT_EVERY})
@@ -71,7 +77,8 @@ def test_lost_node_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server
             time.sleep(0.2)
         else:
             pytest.fail("the trials did not both reach a checkpoint")
-        cluster.kill(cluster.nodes[0])  # the node and the trial process on it die at once
+        trial_node = alive_actors(cluster, "ImplicitFunc")[0]["Address"]["NodeID"]
+        cluster.kill(next(n for n in cluster.nodes if n.node_id == trial_node))  # the node and its trial die at once
         killed_at = time.time()
         at_kill = {t.name: (last_step(t / "metrics.jsonl"), checkpoint_steps(t)[-1]) for t in trials}
         cluster.add_node(1)  # the lost node's replacement
@@ -116,26 +123,26 @@ def test_lost_node_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server
 
 def test_two_workers_on_two_nodes_train_the_one_node_model(tmp_path, loopback_cluster):
     """A Ray Train run whose two workers sit on two nodes (gloo between two raylets) ends with the model
-    a one-worker run of the same global batch trains: the equivalence tests/test_distributed.py shows
-    on one node."""
+    a run of the same global batch in one process trains (`--workers 0`, no worker group to start): the
+    equivalence tests/test_distributed.py shows on one node."""
     import ray
 
     from tests.test_distributed import TINY, assert_close_states, final_state, run_cli
 
     cluster = loopback_cluster
+    earlier = set(cluster.cluster.global_state.actor_table(None))  # the module's earlier tests' actors
     try:
         rc, two, _ = run_cli(TINY + ["--workers", "2", "--set", "data.batch_size=8", "--address", cluster.address],
                              tmp_path, "two")
         assert rc == 0 and two["world_size"] == 2 and two["final_step"] == 10
-        workers = [a for a in cluster.cluster.global_state.actor_table(None).values()
-                   if a["ActorClassName"] == "RayTrainWorker"]
+        workers = [a for actor_id, a in cluster.cluster.global_state.actor_table(None).items()
+                   if a["ActorClassName"] == "RayTrainWorker" and actor_id not in earlier]
         nodes = {a["Address"]["NodeID"] for a in workers}
         # each worker node has one CPU and the head none: two workers, two nodes, both on loopback
         assert len(workers) == 2 and len(nodes) == 2 and {a["Address"]["IPAddress"] for a in workers} == {"127.0.0.1"}
-        assert nodes == {n.node_id for n in cluster.nodes}
+        assert nodes <= {n.node_id for n in cluster.nodes}
         assert len(set(two["replica_digests"])) == 1  # both ranks hold the same parameters
-        rc, one, _ = run_cli(TINY + ["--workers", "1", "--set", "data.batch_size=16", "--address", cluster.address],
-                             tmp_path, "one")
+        rc, one, _ = run_cli(TINY + ["--workers", "0", "--set", "data.batch_size=16"], tmp_path, "one")
         assert rc == 0 and one["world_size"] == 1
         assert_close_states(final_state(two), final_state(one), rtol=1e-4, atol=1e-5)
     finally:
@@ -172,16 +179,14 @@ def test_a_trial_failing_past_max_failures_ends_failed_and_the_search_goes_on(tm
     assert sorted(t.value for t in study.trials)[-1] == penalty("min")
 
 
-def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server):
+def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interval(tmp_path, mlflow_server,
+                                                                                     loopback_cluster):
     """A two-worker trial whose workers sit on two nodes loses one of them (SIGKILL of its node, no grace):
     Ray Train starts its worker group again on a replacement node from the latest checkpoint on the
     shared path, within the same Tune trial, and the trial ends exactly as an uninterrupted one."""
     import yaml
 
-    from tests.conftest import LoopbackCluster
-
-    # one node for the trial's own process, one per worker
-    cluster = LoopbackCluster(worker_cpus=(1, 1, 1))
+    cluster = loopback_cluster  # three 1-CPU nodes: one for the trial's own process, one per worker
     space = write_space(tmp_path / "space.yaml", [POINT, POINT], num_samples=2, max_concurrent=1, max_steps=MAX_STEPS,
                         scheduler={"type": "none"}, report_every=2, overrides={"run.ckpt_every": CKPT_EVERY})
     spec = yaml.safe_load(space.read_text())
@@ -203,10 +208,8 @@ def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interv
             time.sleep(0.2)
         else:
             pytest.fail("the first trial did not reach a checkpoint")
-        actors = cluster.cluster.global_state.actor_table(None).values()
-        alive = [a for a in actors if str(a["State"]) in ("ALIVE", "2")]
-        workers = {a["Address"]["NodeID"] for a in alive if a["ActorClassName"] == "RayTrainWorker"}
-        trial_nodes = {a["Address"]["NodeID"] for a in alive if "ImplicitFunc" in a["ActorClassName"]}
+        workers = {a["Address"]["NodeID"] for a in alive_actors(cluster, "RayTrainWorker")}
+        trial_nodes = {a["Address"]["NodeID"] for a in alive_actors(cluster, "ImplicitFunc")}
         assert len(workers) == 2 and not workers & trial_nodes  # two workers on two nodes, apart from the trial
         (trial,) = [r.name for r in out.glob("trial_runs/*")]
         step_at_kill = last_step(out / "trial_runs" / trial / "metrics.jsonl")
@@ -219,7 +222,6 @@ def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interv
         if proc.poll() is None:
             proc.kill()
         log.close()
-        cluster.stop()
     printed = (tmp_path / "search.log").read_text()
     assert proc.returncode == 0, printed[-3000:]
     summary = json.loads((out / "summary.json").read_text())

@@ -61,7 +61,7 @@ SMOKE_POINTS = [
 
 
 @pytest.fixture(scope="module")
-def submitted(tmp_path_factory, mlflow_server):
+def submitted(tmp_path_factory, mlflow_server, ray_head):
     """One search submitted with `ray job submit` to a cluster started by `ray start`, as a user runs one,
     tracked on a real `mlflow server`: the tests below each read one property of it back. Its 4 trials
     end in every state a run can end in (FINISHED, KILLED by ASHA, FAILED on divergence)."""
@@ -69,19 +69,14 @@ def submitted(tmp_path_factory, mlflow_server):
 
     import optuna
 
-    from tests.conftest import RayHead
-
     root = tmp_path_factory.mktemp("submitted")
     # A small final evaluation after the last step: its final_* metrics must reach MLflow.
     space = write_space(root / "space.yaml", SMOKE_POINTS, num_samples=4, max_concurrent=2,
                         overrides={"run.final_eval_samples": 20})
     out = root / "search"
-    head = RayHead(root, num_cpus=3)
-    try:
-        rc, printed = head.submit(sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output",
-                                  str(out), "--mlflow-uri", mlflow_server.uri)
-    finally:
-        head.stop()  # the rerun of best.yaml below starts its own local Ray
+    head = ray_head
+    rc, printed = head.submit(sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output",
+                              str(out), "--mlflow-uri", mlflow_server.uri)
     assert rc == 0, printed[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     client, parent, children = child_runs(summary)
@@ -214,10 +209,10 @@ def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path,
 
 
 @pytest.mark.slow
-def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads):
+def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads, ray_head):
     """The search's driver and the Ray head it runs on (a `ray start` cluster) die together mid-search,
-    SIGKILL, no grace: `--resume` on the same folder against a new head finishes it, tracked on a real
-    `mlflow server`."""
+    SIGKILL, no grace: `--resume` on the same folder against another head (the session's) finishes it,
+    tracked on a real `mlflow server`."""
     space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
                         scheduler={"type": "none"}, report_every=10)
     out = tmp_path / "search"
@@ -250,7 +245,7 @@ def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ra
     first_done = {p.parent.name: p.stat().st_mtime for p in out.glob("trial_runs/*/summary.json")}
     assert not (out / "summary.json").exists()
 
-    new_head = ray_heads(num_cpus=2)
+    new_head = ray_head
     resumed = subprocess.run(cmd + ["--resume", "--address", new_head.address], capture_output=True, text=True,
                              timeout=600, cwd=tmp_path, env=new_head.env)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
