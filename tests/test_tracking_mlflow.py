@@ -56,7 +56,7 @@ def test_a_run_links_its_runs_table_records_its_data_and_its_model_loads_back(tm
     ema = save_ema(tmp_path / "ema_final.pt", 7, sit.state_dict(), cfg.to_dict())
     logged = mlflow_model.log_model(mlflow_server.uri, run_id, ema, registered_name="tiny-digits")
     assert logged["registered_model"] == "models:/tiny-digits/1"
-    (model,) = client.search_logged_models([run.info.experiment_id])
+    (model,) = client.search_logged_models([run.info.experiment_id], filter_string=f"source_run_id = '{run_id}'")
     assert logged["mlflow_model_uri"] == f"models:/{model.model_id}" and model.source_run_id == run_id
     assert [o.model_id for o in client.get_run(run_id).outputs.model_outputs] == [model.model_id]
     for uri in (logged["mlflow_model_uri"], f"runs:/{run_id}/model", logged["registered_model"]):
