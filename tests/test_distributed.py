@@ -122,3 +122,22 @@ def test_mlflow_outage_mid_run_warns_and_training_goes_on(tmp_path):
     assert summary["final_step"] == 4 and (tmp_path / "run" / "checkpoints" / "step_00000004").exists()
     assert len([w for w in caught if "MLflow tracking" in str(w.message)]) == 1  # one warning per outage
     assert tracker.logged_through == 1
+
+
+def test_the_trainer_has_ray_train_take_reports_more_often_than_its_default(tmp_path, monkeypatch, digits_cfg):
+    """Ray Train V2's controller takes each worker's one held report on its poll, and a worker's next
+    report waits for that: at Ray's 2 s default, a small model reporting every step trains one step per
+    2 s. The trainer asks for 0.25 s polls, which Ray passes on to its controller and workers; a user's
+    own setting stays."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate  # what Ray passes on
+
+    from lsep_tune.cluster import Placement
+    from lsep_tune.train.distributed import REPORT_POLL_ENV, RunPaths, build_trainer
+
+    paths = RunPaths(output=str(tmp_path), storage=str(tmp_path), name="run")
+    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
+    build_trainer(digits_cfg, Placement(2), paths)
+    assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "0.25"
+    monkeypatch.setenv(REPORT_POLL_ENV, "5")
+    build_trainer(digits_cfg, Placement(2), paths)
+    assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "5"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass
@@ -27,6 +28,11 @@ from lsep_tune.train.metrics import TrainingDiverged
 
 DIVERGED_KEY = "diverged"  # reported (= 1.0) by a run whose loss became non-finite
 DIVERGED_FILE = "diverged.json"  # rank 0 leaves it in the run folder: what the driver checks
+# Ray Train V2 holds one report per worker and its controller takes it on each poll: a worker's next
+# ray.train.report waits for that poll. At Ray's 2 s default, a run reporting every step of a small
+# model trains at one step per 2 s (measured: 10 two-worker digits steps 54 s, at 0.25 s 35 s, the same
+# final loss). Set in the environment, it reaches the controller and the workers (Ray propagates it).
+REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
 def divergence(output: str | Path) -> dict | None:
@@ -164,6 +170,7 @@ def build_trainer(cfg: Config, placement: Placement, paths: RunPaths, callbacks:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    os.environ.setdefault(REPORT_POLL_ENV, REPORT_POLL_S)  # a user's own setting stays
     resources = {"CPU": placement.cpus_per_worker}
     if placement.gpus_per_worker:
         resources["GPU"] = placement.gpus_per_worker
