@@ -14,7 +14,9 @@ import pytest
 from tests.test_search import GOOD, child_runs, write_space
 
 REPO = Path(__file__).resolve().parents[1]
-MAX_STEPS = 120
+# Long enough that the second trial still trains when the stop reaches it: its first checkpoint (step 10)
+# plus the `ray job stop` command's start-up (~2 s) on the fastest machine (~17 tiny steps/s)
+MAX_STEPS = 200
 
 
 def ray_job(head, command: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -28,6 +30,13 @@ def alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except (FileNotFoundError, ProcessLookupError):
         return False
+
+
+def trial_pids(head) -> set[int]:
+    """The trials' processes: Tune's function-trainable actors, as Ray's state API lists them."""
+    listed = subprocess.run([head.ray, "list", "actors", "--address", head.dashboard, "--format", "json",
+                             "--filter", "state=ALIVE"], env=head.env, capture_output=True, text=True)
+    return {a["pid"] for a in json.loads(listed.stdout) if "ImplicitFunc" in a["class_name"]}
 
 
 def interrupted_trial_is_resumable(out: Path) -> bool:
@@ -56,18 +65,16 @@ def test_a_submitted_search_is_followed_stopped_and_resumed(tmp_path, mlflow_ser
                               env=ray_head.env, stdout=follow_log, stderr=subprocess.STDOUT)
 
     deadline = time.time() + 420
+    running: set[int] = set()
     while not interrupted_trial_is_resumable(out):
         assert follow.poll() is None, "the job ended early:\n" + (tmp_path / "follow.log").read_text()[-3000:]
         assert time.time() < deadline, "the search did not get far enough to be stopped"
+        if not running and any(out.glob("trial_runs/*/metrics.jsonl")):  # listed while the first trial trains:
+            running = trial_pids(ray_head)  # the stop below then follows the second trial's checkpoint at once
         time.sleep(0.2)
     # The live table, as the follow shows it, from the job's driver.
     assert re.search(r"\| Trial name +\| status", (tmp_path / "follow.log").read_text())
-    # The trials' processes: Tune's function-trainable actors, as Ray's state API lists them.
-    listed = subprocess.run([ray_head.ray, "list", "actors", "--address", ray_head.dashboard, "--format", "json",
-                             "--filter", "state=ALIVE"], env=ray_head.env, capture_output=True, text=True)
-    trials = [a for a in json.loads(listed.stdout) if "ImplicitFunc" in a["class_name"]]
-    assert trials, listed.stdout[-2000:]
-    running = {a["pid"] for a in trials}
+    assert running
 
     started = time.time()
     stopped = ray_job(ray_head, "stop", job, timeout=120)

@@ -209,6 +209,31 @@ def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path,
 
 
 @pytest.mark.slow
+def test_a_stop_after_the_trials_ended_ends_the_search_run_killed(tmp_path, capsys, monkeypatch):
+    """SIGTERM (`ray job stop`, `scancel`) that comes once the trials have ended, while the search writes
+    its plots and summary: the search's MLflow run ends KILLED, as the printed line says, not RUNNING."""
+    from lsep_tune.search import report
+    from lsep_tune.search.__main__ import EXIT_STOPPED
+
+    def stopped_while_plotting(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this process's own handler
+        return []
+
+    monkeypatch.setattr(report, "optuna_plots", stopped_while_plotting)
+    space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=1, max_steps=4, scheduler={"type": "none"},
+                        report_every=2)
+    out = tmp_path / "search"
+    assert main(["--space", str(space), "--output", str(out)]) == EXIT_STOPPED
+    assert "search stopped (SIGTERM)" in capsys.readouterr().out
+    state = json.loads((out / "search.json").read_text())
+    _, parent, children = child_runs({"mlflow_tracking_uri": state["mlflow_tracking_uri"],
+                                      "mlflow_parent_run_id": state["mlflow_parent_run_id"]})
+    assert parent.info.status == "KILLED" and parent.info.end_time
+    assert [c.info.status for c in children] == ["FINISHED"]  # the trial had ended: it stays FINISHED
+    assert not (out / "summary.json").exists()
+
+
+@pytest.mark.slow
 def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads, ray_head):
     """The search's driver and the Ray head it runs on (a `ray start` cluster) die together mid-search,
     SIGKILL, no grace: `--resume` on the same folder against another head (the session's) finishes it,

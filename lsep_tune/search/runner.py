@@ -62,9 +62,6 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
     `optuna_storage`: the study's database URL (default: optuna.db in `output`).
     `resources` (what each trial asks of Ray, default `trial_resources(space.resources)`) and extra Tune
     `callbacks` let `bench cluster` run this same search on simulated GPU slots and time it."""
-    import optuna
-    import ray
-
     # A trial that diverges before its first report has no metric yet; the space's own validation
     # already guarantees every metric is one the trainer reports.
     os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
@@ -100,8 +97,23 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
     space_file = output / "space.yaml"
     space_file.write_text(yaml.safe_dump(space.to_dict(), sort_keys=False))
     parent_tracker.log_artifact(space_file)
+    # Until the parent run ends, a stop (SIGTERM) or a crash ends it KILLED: during the trials, the
+    # confirmation, or the summary after them.
     with ends_killed_on_error(paths, parent_tracker):
         results = fit(space, paths, resume, resources, callbacks)
+        summary = conclude(space, paths, parent_tracker, results, state, started, register_model)
+    parent_tracker.finish("FINISHED" if summary["best_trial"] else "FAILED")
+    return summary
+
+
+def conclude(space, paths: SearchPaths, parent_tracker, results, state: dict, started: float,
+             register_model: str | None) -> dict:
+    """After the trials: the table, the confirmation, the plots and the winner's model; summary.json."""
+    import optuna
+    import ray
+
+    output, state_file = paths.output, paths.output / "search.json"
+    mlflow_uri, parent = paths.mlflow_uri, paths.parent_run_id
     end_unfinished_runs(paths, "KILLED")
     rows = report.trial_table(results, space)
     restarted = restarts(output)
@@ -111,8 +123,7 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
     best = report.best_trial(rows, space)
     confirmation = None
     if best and space.confirm:  # trained again on fresh seeds; writes best.yaml as the confirmed winner
-        with ends_killed_on_error(paths, parent_tracker):
-            confirmation = confirm_search(space, rows, paths, space.confirm)
+        confirmation = confirm_search(space, rows, paths, space.confirm)
     study = optuna.load_study(study_name=paths.study_name, storage=open_storage(paths.optuna_storage))
     summary = {
         "space": space.source,
@@ -161,7 +172,6 @@ def run_search(space, output: Path, mlflow_uri: str, resume: bool = False, optun
     state_file.write_text(json.dumps(state, indent=2) + "\n")
     (output / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     parent_tracker.log_artifact(output / "summary.json")
-    parent_tracker.finish("FINISHED" if best else "FAILED")
     return summary
 
 
