@@ -177,6 +177,7 @@ class RunTracker:
         self._client = client(uri)
         self._failing = False
         self._logged_through: dict[str, int] = {}  # metric -> last step in MLflow, read once per metric
+        self._recorded: set[str] | None = None  # the metrics the run held when first read
 
     @property
     def logged_through(self) -> int:
@@ -184,7 +185,14 @@ class RunTracker:
         return max(self._logged_through.values(), default=0)
 
     def _last_step(self, key: str) -> int:
-        if key not in self._logged_through:
+        if self._recorded is None:  # one request says which metrics have a history at all (a new run: none)
+            run = self._call(self._client.get_run, self.run_id)
+            if run is None:  # the store is away: try again next time
+                return -1
+            self._recorded = set(run.data.metrics)
+        if key not in self._logged_through and key not in self._recorded:
+            self._logged_through[key] = -1
+        if key not in self._logged_through:  # a restarted run's metric: where its history ends
             history = self._call(self._client.get_metric_history, self.run_id, key)
             if history is None:  # the store is away: try again next time
                 return -1

@@ -34,6 +34,26 @@ def test_a_run_keeps_each_metric_once_across_a_restart(tmp_path):
     assert tracking.ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
 
 
+def test_a_new_run_asks_the_store_once_before_its_first_metrics(tmp_path, monkeypatch):
+    """Which steps a run already holds is read once per run, not once per metric: on an authenticated
+    team server each request costs a password check (measured: 13 metrics, 6.6 s before the first step
+    of a trial). Only a metric the run already holds (a restart) has its history read."""
+    uri = tracking.default_uri(tmp_path)
+    run_id = tracking.create_run(uri, {}, {}, "run")
+    tracking.RunTracker(uri, run_id).log_metrics({"loss": 1.0}, 1)
+    reads = []
+    tracker = tracking.RunTracker(uri, run_id)  # a restart: "loss" has a history, the others do not
+    for name in ("get_run", "get_metric_history"):
+        real = getattr(tracker._client, name)
+        monkeypatch.setattr(tracker._client, name, lambda *a, _real=real, _name=name: reads.append(_name) or _real(*a))
+    tracker.log_metrics({f"m{i}": float(i) for i in range(12)} | {"loss": 0.5}, 1)  # step 1: loss logged before
+    tracker.log_metrics({f"m{i}": float(i) for i in range(12)} | {"loss": 0.4}, 2)
+    assert reads == ["get_run", "get_metric_history"]
+    client = tracking.client(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "loss")] == [(1, 1.0), (2, 0.4)]
+    assert [m.step for m in client.get_metric_history(run_id, "m3")] == [1, 2]
+
+
 def test_an_unusable_store_is_one_line_and_an_outage_never_raises(tmp_path):
     (tmp_path / "file").write_text("")
     assert tracking.check_uri(f"sqlite:///{tmp_path / 'file' / 'sub' / 'mlflow.db'}").startswith("cannot create")
