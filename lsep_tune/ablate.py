@@ -11,7 +11,6 @@ does not pick a winner.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from lsep_tune import cli
@@ -92,4 +91,4 @@ def _ablate(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

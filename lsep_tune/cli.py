@@ -8,7 +8,9 @@ then `RaySession.connect`, then the work; a local Ray the session started ends w
 """
 from __future__ import annotations
 
+import gc
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -115,3 +117,15 @@ class RaySession:
             ray.shutdown()
             self.started = False
 
+
+# ----- the end of a command's process -------------------------------------------------------------
+
+def exit_command(code: int):
+    """End a command's process with `code`. Its objects are frozen out of the garbage collector first:
+    the interpreter's last collections at exit would otherwise walk the whole heap torch, Ray and MLflow
+    built (measured: 1.2 s of a bare import of the four, about 3 s of a search's exit), only for the
+    process to end. atexit handlers and reference-counted finalizers still run; objects left in
+    reference cycles are not collected, which the process's end makes moot. Only for `__main__`:
+    frozen objects would stay uncollected in a longer-lived process that called a command's `main`."""
+    gc.freeze()
+    sys.exit(code)

@@ -14,6 +14,7 @@ import math
 import os
 import sys
 
+from lsep_tune import cli
 from lsep_tune.errors import OneLineParser, run_cli
 
 # The evaluation package loads torch and torch-fidelity, so --help and a bad flag use these mirrors of
@@ -77,4 +78,4 @@ def _evaluate(argv: list[str] | None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lsep_tune import cli
 from lsep_tune.data.digits import load_digits_split, to_uint8
 from lsep_tune.data.images import IMAGE_SUFFIXES, adm_center_crop, scan_class_folders
 from lsep_tune.data.latents import FORMAT, SHARD
@@ -420,4 +421,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

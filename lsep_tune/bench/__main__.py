@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
 
 
@@ -115,4 +116,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

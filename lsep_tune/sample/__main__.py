@@ -18,8 +18,7 @@ line, ``error: <what>: <field>: <expectation>``, to stderr and exits 2 before an
 """
 from __future__ import annotations
 
-import sys
-
+from lsep_tune import cli
 from lsep_tune.errors import OneLineParser, run_cli
 from lsep_tune.sample.options import (
     CHECKPOINT_FORMATS,
@@ -95,4 +94,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

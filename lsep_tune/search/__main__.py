@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 from lsep_tune import cli
@@ -120,4 +119,4 @@ def _search(args: argparse.Namespace, space, output: Path, uri: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())

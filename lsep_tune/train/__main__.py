@@ -213,4 +213,4 @@ def run_on_ray(cfg, placement, paths) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit_command(main())
