@@ -150,9 +150,9 @@ def test_the_torch_free_regularizer_configs_are_the_modules_configs():
 
 
 def test_a_command_ends_with_its_code_its_objects_frozen_out_of_the_last_collections():
-    """`cli.exit_command`, which the heavy commands' __main__ ends with (train, search, ablate, sample, evaluate,
-    preprocess, bench): the exit code passes through, atexit
-    handlers still run, and by then the heap is frozen, so the interpreter's final collections skip it."""
+    """`cli.exit_command`, which ends the heavy commands' processes (train, search, ablate, sample,
+    evaluate, preprocess, bench): the exit code passes through, atexit handlers still run, and by then
+    the heap is frozen, so the interpreter's final collections skip it."""
     code = ("import atexit, gc; from lsep_tune import cli; "
             "atexit.register(lambda: print('frozen', gc.get_freeze_count() > 0)); cli.exit_command(3)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)

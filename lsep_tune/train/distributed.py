@@ -32,6 +32,8 @@ DIVERGED_FILE = "diverged.json"  # rank 0 leaves it in the run folder: what the 
 # ray.train.report waits for that poll. At Ray's 2 s default, a run reporting every step of a small
 # model trains at one step per 2 s (measured: 10 two-worker digits steps 54 s, at 0.25 s 35 s, the same
 # final loss). Set in the environment, it reaches the controller and the workers (Ray propagates it).
+# Each poll is one small actor task per worker, four a second; a poll a worker is too busy to answer
+# waits for the next one (a worker counts as dead only after RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S).
 REPORT_POLL_ENV, REPORT_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25"
 
 
