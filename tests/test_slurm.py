@@ -128,7 +128,7 @@ class Slurm:
             job = self.job(job_id)
             if job.get("JobState") in ENDED:
                 return job
-            time.sleep(3)
+            time.sleep(1)
         self.run("scancel", job_id)
         raise AssertionError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout:.0f} s")
 
