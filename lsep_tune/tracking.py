@@ -185,19 +185,21 @@ class RunTracker:
         return max(self._logged_through.values(), default=0)
 
     def _last_step(self, key: str) -> int:
+        if key in self._logged_through:
+            return self._logged_through[key]
         if self._recorded is None:  # one request says which metrics have a history at all (a new run: none)
             run = self._call(self._client.get_run, self.run_id)
             if run is None:  # the store is away: try again next time
                 return -1
             self._recorded = set(run.data.metrics)
-        if key not in self._logged_through and key not in self._recorded:
-            self._logged_through[key] = -1
-        if key not in self._logged_through:  # a restarted run's metric: where its history ends
+        last = -1
+        if key in self._recorded:  # a restarted run's metric: where its history ends
             history = self._call(self._client.get_metric_history, self.run_id, key)
             if history is None:  # the store is away: try again next time
                 return -1
-            self._logged_through[key] = max((m.step for m in history), default=-1)
-        return self._logged_through[key]
+            last = max((m.step for m in history), default=-1)
+        self._logged_through[key] = last
+        return last
 
     def _call(self, fn, *args, default=None, **kwargs):
         try:

@@ -135,7 +135,8 @@ def test_the_trainer_has_ray_train_take_reports_more_often_than_its_default(tmp_
     from lsep_tune.train.distributed import REPORT_POLL_ENV, RunPaths, build_trainer
 
     paths = RunPaths(output=str(tmp_path), storage=str(tmp_path), name="run")
-    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
+    monkeypatch.setenv(REPORT_POLL_ENV, "unset below")  # recorded, so that the value set here ends with the test
+    monkeypatch.delenv(REPORT_POLL_ENV)
     build_trainer(digits_cfg, Placement(2), paths)
     assert get_env_vars_to_propagate()[REPORT_POLL_ENV] == "0.25"
     monkeypatch.setenv(REPORT_POLL_ENV, "5")
