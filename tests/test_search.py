@@ -233,6 +233,24 @@ def test_a_stop_after_the_trials_ended_ends_the_search_run_killed(tmp_path, caps
     assert not (out / "summary.json").exists()
 
 
+def test_a_stop_ends_with_its_search_and_the_next_run_of_the_process_goes_on():
+    """A SIGTERM stops the search it came to; an ablation run later in the same process is not stopped by it."""
+    from lsep_tune.search.stop import SearchStopped, fit_or_stop, sigterm_stops_search
+
+    class Tuner:
+        def fit(self):
+            return "results"
+
+    with pytest.raises(SearchStopped):
+        with sigterm_stops_search():
+            os.kill(os.getpid(), signal.SIGTERM)  # a real signal; outside a Tuner run it raises at once
+            time.sleep(5)  # not reached: the handler raises in this thread as the signal lands
+    try:  # (a KeyboardInterrupt: uncaught, it would end the whole test session)
+        assert fit_or_stop(Tuner()) == "results"
+    except SearchStopped:
+        pytest.fail("the stop of the search that ended stopped the next run too")
+
+
 @pytest.mark.slow
 def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads, ray_head):
     """The search's driver and the Ray head it runs on (a `ray start` cluster) die together mid-search,

@@ -43,6 +43,7 @@ def sigterm_stops_search():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _requested.clear()  # the stop was this block's: a later run in the process (an ablation) goes on
 
 
 def fit_or_stop(tuner):
