@@ -205,6 +205,7 @@ def test_sbatch_runs_a_smoke_search_on_its_own_ray_and_stops_it(slurm, tmp_path)
     assert summary["ray_address"].startswith("127.0.0.1:")  # the job's head, on loopback
     ray_tmp = node_tmp(slurm, tmp_path) / f"ray-{job_id}"
     assert not ray_tmp.exists() and not ray_processes(str(ray_tmp))  # the job's Ray is gone with it
+    assert "did not stop within" not in printed  # stopped by the trap, nothing left for a SIGKILL
 
 
 @pytest.mark.slow
@@ -227,3 +228,5 @@ def test_scancel_stops_the_jobs_ray(slurm, tmp_path):
         time.sleep(1)
     assert not ray_processes(str(ray_tmp))
     assert not ray_tmp.exists(), "the job's trap did not clean up its Ray temp dir"
+    # ended by its own SIGTERM handling within KillWait, not left to Slurm's SIGKILL
+    assert "did not stop within" not in out.read_text(), out.read_text()[-3000:]
