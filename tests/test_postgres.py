@@ -2,6 +2,7 @@
 PostgreSQL, served artifacts, basic authentication) and `--optuna-storage` (the study in PostgreSQL,
 continued by --resume). Skipped, with the reason, where PostgreSQL is not installed."""
 import base64
+import configparser
 import contextlib
 import glob
 import json
@@ -244,6 +245,12 @@ def test_a_request_without_the_right_credentials_is_refused(team_mlflow):
     assert request(team_mlflow.uri, path, basic_auth("admin", "not-the-password")) == 401
     assert request(team_mlflow.uri, path, basic_auth("admin", ADMIN_PASSWORD)) == 200
     assert request(team_mlflow.uri, "/health") == 200
+    # Good checks are kept (MLflow's credential cache, on in the file server.sh wrote, read as
+    # mlflow.server.auth.config reads it); a wrong password after a good one is still refused.
+    written = configparser.ConfigParser()
+    written.read(team_mlflow.root / "state" / "basic_auth.ini")
+    assert written.getint("mlflow", "auth_cache_ttl_seconds", fallback=0) > 0
+    assert request(team_mlflow.uri, path, basic_auth("admin", "not-the-password")) == 401
 
 
 @pytest.mark.slow
