@@ -119,8 +119,10 @@ class RayHead:
         self.temp_dir = tempfile.mkdtemp(prefix="rayhead-", dir="/tmp")  # short: Ray's socket paths must fit
         self.ray = str(Path(sys.executable).parent / "ray")
         # Ray 2.60: every `ray job` command needs the token mode; the loopback switch keeps the node on
-        # 127.0.0.1 as clusters/README.md's one-machine recipe does
-        self.env = {**os.environ, "RAY_AUTH_MODE": "token", LOOPBACK_ENV: "0"}
+        # 127.0.0.1 as clusters/README.md's one-machine recipe does; no 30 s drain on SIGTERM (nothing of
+        # Ray Serve's to drain, as in clusters/slurm/search.sbatch)
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", LOOPBACK_ENV: "0",
+                    "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
         self.env.pop("RAY_ADDRESS", None)
         gcs, dash = free_port(), free_port()
         self.gcs_port, self.dashboard = gcs, f"http://127.0.0.1:{dash}"
@@ -181,8 +183,7 @@ class RayHead:
         import signal
 
         if self.proc.poll() is None:
-            # SIGTERM lets the nodes' processes end in order; `ray start --block` itself then waits on
-            # some that never exit (Ray 2.60: 30 s measured without an end), so what is left gets SIGKILL
+            # SIGTERM lets the nodes' processes end in order; what is left after 5 s gets SIGKILL
             os.killpg(self.proc.pid, signal.SIGTERM)
             try:
                 self.proc.wait(timeout=5)

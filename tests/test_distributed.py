@@ -50,8 +50,9 @@ def test_two_workers_stay_in_sync_and_match_one_worker(two_worker_run, tmp_path)
     assert summary["world_size"] == 2 and summary["final_step"] == 10 and summary["global_batch"] == 16
     assert len(set(summary["replica_digests"])) == 1  # every rank holds the same parameters
     assert Path(summary["checkpoint"]).name == "step_00000010" and Path(summary["checkpoint"]).is_relative_to(out)
-    # Same global batch on one worker (16 per step): the same run, up to float reduction order.
-    rc, single, _ = run_cli(TINY + ["--workers", "1", "--set", "data.batch_size=16"], tmp_path, "one")
+    # Same global batch in one process (16 per step; `--workers 0`, no worker group to start: a one-worker
+    # Ray Train run is tests/test_train.py's): the same run, up to float reduction order.
+    rc, single, _ = run_cli(TINY + ["--workers", "0", "--set", "data.batch_size=16"], tmp_path, "one")
     assert rc == 0 and single["world_size"] == 1
     assert_close_states(final_state(summary), final_state(single), rtol=1e-4, atol=1e-5)
     # ...and one worker accumulating two micro-batches of 8 gives it too.
