@@ -61,6 +61,8 @@ class MlflowServer:
              "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
              "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT,
+            # as clusters/mlflow-server.sh starts it: no server-side job consumers (five processes, ~20 s of CPU)
+            env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
         self.wait()
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import free_port
+from tests.conftest import descendants, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SH = REPO / "clusters" / "mlflow" / "server.sh"
@@ -251,6 +251,10 @@ def test_a_request_without_the_right_credentials_is_refused(team_mlflow):
     written.read(team_mlflow.root / "state" / "basic_auth.ini")
     assert written.getint("mlflow", "auth_cache_ttl_seconds", fallback=0) > 0
     assert request(team_mlflow.uri, path, basic_auth("admin", "not-the-password")) == 401
+    # No server-side job consumers (MLflow 3's huey processes) under the server: none of them is used.
+    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                for pid in descendants(team_mlflow.proc.pid) if Path(f"/proc/{pid}/cmdline").exists()]
+    assert any("mlflow" in c for c in commands) and not any("huey" in c for c in commands), commands
 
 
 @pytest.mark.slow

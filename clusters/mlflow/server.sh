@@ -55,6 +55,9 @@ with open(out, "w") as f:
 PY
     )
 fi
+# MLflow 3's server-side jobs (GenAI scorers, prompt optimisation, trace upkeep): lsep_tune uses none, and
+# they are five more processes (~1.2 GB) and ~20 s of CPU at each start. Export it `true` to keep them.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 case $MLFLOW_ARTIFACTS_DESTINATION in
     *://*) ;;
     *) mkdir -p "$MLFLOW_ARTIFACTS_DESTINATION" ;;
