@@ -7,6 +7,14 @@ import torch
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Modules with slow tests first (each keeps its order): the two xdist workers take a module at a time,
+    so the quick modules fill the end and both workers finish together instead of one waiting on a
+    cluster test left for last."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture
 def digits_cfg():
     from lsep_tune.config import load_config
