@@ -226,6 +226,16 @@ def ray_heads(tmp_path_factory):
         head.stop()
 
 
+def command_line(pid: int) -> str | None:
+    """A process's command line, its arguments joined by spaces (None: it has ended)."""
+    from pathlib import Path
+
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
 def descendants(pid: int) -> list[int]:
     """Every process below `pid`, read from /proc (children, their children, ...)."""
     from pathlib import Path

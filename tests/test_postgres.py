@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import descendants, free_port
+from tests.conftest import command_line, descendants, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 SERVER_SH = REPO / "clusters" / "mlflow" / "server.sh"
@@ -252,8 +252,7 @@ def test_a_request_without_the_right_credentials_is_refused(team_mlflow):
     assert written.getint("mlflow", "auth_cache_ttl_seconds", fallback=0) > 0
     assert request(team_mlflow.uri, path, basic_auth("admin", "not-the-password")) == 401
     # No server-side job consumers (MLflow 3's huey processes) under the server: none of them is used.
-    commands = [Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
-                for pid in descendants(team_mlflow.proc.pid) if Path(f"/proc/{pid}/cmdline").exists()]
+    commands = [c for c in map(command_line, descendants(team_mlflow.proc.pid)) if c is not None]
     assert any("mlflow" in c for c in commands) and not any("huey" in c for c in commands), commands
 
 

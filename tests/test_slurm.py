@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import command_line, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SBATCH = ROOT / "clusters" / "slurm" / "search.sbatch"
@@ -179,15 +179,8 @@ def node_tmp(slurm: Slurm, work: Path) -> Path:
 
 def ray_processes(marker: str) -> list[str]:
     """Command lines of live processes that name `marker` (this job's Ray temp dir)."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if proc.name.isdigit() and marker in cmdline:
-            found.append(cmdline)
-    return found
+    lines = (command_line(int(proc.name)) for proc in Path("/proc").iterdir() if proc.name.isdigit())
+    return [line for line in lines if line is not None and marker in line]
 
 
 @pytest.mark.slow
