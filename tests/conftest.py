@@ -6,6 +6,14 @@ import torch
 # Two cores: keep torch from oversubscribing when Ray workers or subprocesses run beside the test.
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
+# One Ray token for every cluster the tests start, set here in the xdist controller so both workers
+# inherit it: on a fresh machine there is no ~/.ray/auth_token, which `ray start --head` in token mode
+# needs (it never writes one), and which two workers' first `ray.init()` would each write.
+if "RAY_AUTH_TOKEN" not in os.environ:
+    import secrets
+
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+
 
 def pytest_collection_modifyitems(session, config, items):
     """Modules with slow tests first (each keeps its order): the two xdist workers take a module at a time,
