@@ -171,44 +171,6 @@ def test_best_yaml_is_a_full_config_the_trainer_reruns(submitted):
 
 
 @pytest.mark.slow
-def test_search_with_confirmation_makes_best_yaml_the_confirmed_winner(tmp_path, capsys):
-    """A search with `confirm:`: the best trial and the baseline (the first point) are trained again
-    on fresh seeds as nested runs of the search, summary.json holds the confirmation, best.yaml is its
-    winner, and the console prints the verdict."""
-    from lsep_tune.search.arms import ROLE_TAG
-
-    space = write_space(tmp_path / "space.yaml", [{"optim.lr": 1e-8}, GOOD], num_samples=2, max_steps=20,
-                        scheduler={"type": "none"}, report_every=10,
-                        confirm={"top_k": 1, "seeds": 2, "baseline": "first_point"})
-    out = tmp_path / "search"
-    assert main(["--space", str(space), "--output", str(out)]) == 0
-    printed = capsys.readouterr().out
-    summary = json.loads((out / "summary.json").read_text())
-    assert f"mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']}" in printed  # the default store
-    c = summary["confirmation"]
-    assert c["seeds"] == [1000, 1001] and [x["name"] for x in c["configs"]] == ["baseline", "top1"]
-    base, top = c["configs"]
-    assert base["params"] == {"optim.lr": 1e-8, "objective.lsep.uncond_prob": 0.9}
-    assert base["origin"] == "points_to_evaluate[0]" and top["origin"] == f"trial {summary['best_trial']}"
-    assert top["params"] == summary["best_params"] and len(top["values"]) == 2
-    assert {"mean", "ci_low", "ci_high"} <= set(top["difference"]) and c["verdict"]
-    assert f"confirmation: {c['verdict']}" in printed
-    winner = next(x for x in c["configs"] if x["name"] == c["winner"])
-    assert yaml.safe_load((out / "best.yaml").read_text())["optim"]["lr"] == winner["params"]["optim.lr"]
-    assert summary["best_config"]["optim"]["lr"] == winner["params"]["optim.lr"]
-
-    client, parent, children = child_runs(summary)
-    confirmation = [r for r in children if r.data.tags.get(ROLE_TAG) == "confirmation"]
-    assert len(children) == 2 + 4 and len(confirmation) == 4
-    assert all(r.info.status == "FINISHED" and r.info.end_time for r in children)
-    assert sorted(r.info.run_name for r in confirmation) == [
-        "confirmation: baseline, seed 1000", "confirmation: baseline, seed 1001",
-        "confirmation: top1, seed 1000", "confirmation: top1, seed 1001"]
-    assert parent.info.status == "FINISHED" and "confirm_top1_flow_loss_ci_high" in parent.data.metrics
-    assert parent.data.tags["confirm.winner"] == c["winner"]
-
-
-@pytest.mark.slow
 def test_a_stop_after_the_trials_ended_ends_the_search_run_killed(tmp_path, capsys, monkeypatch):
     """SIGTERM (`ray job stop`, `scancel`) that comes once the trials have ended, while the search writes
     its plots and summary: the search's MLflow run ends KILLED, as the printed line says, not RUNNING."""

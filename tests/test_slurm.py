@@ -188,7 +188,8 @@ def ray_processes(marker: str) -> list[str]:
 def test_sbatch_runs_a_smoke_search_on_its_own_ray_and_stops_it(slurm, tmp_path):
     import json
 
-    job_id = submit(slurm, tmp_path, "--smoke", "--output", str(tmp_path / "search"))
+    # the smoke search at two trials: what is checked is the script's Ray around it, not the search
+    job_id = submit(slurm, tmp_path, "--smoke", "--num-samples", "2", "--output", str(tmp_path / "search"))
     job = slurm.wait_job(job_id, timeout=1000)
     printed = (tmp_path / "job.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", printed[-4000:] + slurm.logs()

@@ -66,22 +66,50 @@ def test_a_run_links_its_runs_table_records_its_data_and_its_model_loads_back(tm
 
 
 @pytest.mark.slow
-def test_a_search_leaves_its_model_data_and_searched_params_where_mlflow_users_look(tmp_path, mlflow_server):
-    space = write_space(tmp_path / "space.yaml", [GOOD, {"optim.lr": 1e-3}], num_samples=2, max_steps=20,
+def test_a_confirmed_search_leaves_its_winner_model_data_and_params_where_mlflow_users_look(tmp_path, mlflow_server):
+    """A search with `confirm:`: the best trial and the baseline (the first point) are trained again on
+    fresh seeds as nested runs of the search, summary.json holds the confirmation, best.yaml is its
+    winner, the console prints the verdict; and MLflow holds what its users look for (one search for both)."""
+    from lsep_tune.search.arms import ROLE_TAG
+
+    space = write_space(tmp_path / "space.yaml", [{"optim.lr": 1e-8}, GOOD], num_samples=2, max_steps=20,
+                        scheduler={"type": "none"}, report_every=10,
                         confirm={"top_k": 1, "seeds": [7, 8], "baseline": "first_point"})
     out = tmp_path / "search"
     done = subprocess.run([sys.executable, "-m", "lsep_tune.search", "--space", str(space), "--output", str(out),
                            "--mlflow-uri", mlflow_server.uri, "--register-model", "digits-search"],
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    printed = done.stdout
     summary = json.loads((out / "summary.json").read_text())
     client, parent, children = child_runs(summary)
     experiment = parent.info.experiment_id
 
+    # The confirmation: both configurations on the given seeds, its verdict printed, best.yaml its winner.
+    c = summary["confirmation"]
+    assert c["seeds"] == [7, 8] and [x["name"] for x in c["configs"]] == ["baseline", "top1"]
+    base, top = c["configs"]
+    assert base["params"] == {"optim.lr": 1e-8, "objective.lsep.uncond_prob": 0.9}
+    assert base["origin"] == "points_to_evaluate[0]" and top["origin"] == f"trial {summary['best_trial']}"
+    assert top["params"] == summary["best_params"] and len(top["values"]) == 2
+    assert {"mean", "ci_low", "ci_high"} <= set(top["difference"]) and c["verdict"]
+    assert f"confirmation: {c['verdict']}" in printed
+    chosen = next(x for x in c["configs"] if x["name"] == c["winner"])
+    assert yaml.safe_load((out / "best.yaml").read_text())["optim"]["lr"] == chosen["params"]["optim.lr"]
+    assert summary["best_config"]["optim"]["lr"] == chosen["params"]["optim.lr"]
+    confirmation = [r for r in children if r.data.tags.get(ROLE_TAG) == "confirmation"]
+    assert len(children) == 2 + 4 and len(confirmation) == 4
+    assert all(r.info.status == "FINISHED" and r.info.end_time for r in children)
+    assert sorted(r.info.run_name for r in confirmation) == [
+        "confirmation: baseline, seed 7", "confirmation: baseline, seed 8",
+        "confirmation: top1, seed 7", "confirmation: top1, seed 8"]
+    assert parent.info.status == "FINISHED" and "confirm_top1_flow_loss_ci_high" in parent.data.metrics
+    assert parent.data.tags["confirm.winner"] == c["winner"]
+
     # The printed line and the summary open the experiment on its runs table, in the view the search
     # saved: the metric and the searched parameters as columns, best first.
     assert summary["mlflow_runs_url"] == runs_page(mlflow_server.uri, experiment, parent.info.run_id)
-    assert f"MLflow: open {summary['mlflow_runs_url']} in a browser" in done.stdout
+    assert f"MLflow: open {summary['mlflow_runs_url']} in a browser" in printed
     view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{parent.info.run_id}"])
     assert view["selectedColumns"][-3:] == ["metrics.`flow_loss`", "params.`optim.lr`", "params.`objective.lsep.uncond_prob`"]
     assert (view["orderByKey"], view["orderByAsc"]) == ("metrics.`flow_loss`", True)
@@ -92,7 +120,7 @@ def test_a_search_leaves_its_model_data_and_searched_params_where_mlflow_users_l
     assert summary["registered_model"] == "models:/digits-search/1"
     version = client.get_model_version("digits-search", "1")
     assert (version.source, version.run_id) == (f"models:/{model.model_id}", parent.info.run_id)
-    assert f"MLflow model: models:/{model.model_id}, registered as models:/digits-search/1" in done.stdout
+    assert f"MLflow model: models:/{model.model_id}, registered as models:/digits-search/1" in printed
     back = mlflow_model.load_model(f"runs:/{parent.info.run_id}/model", mlflow_server.uri)
     best = yaml.safe_load((out / "best.yaml").read_text())
     winner = summary["confirmation"]["winner"]
