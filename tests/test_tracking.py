@@ -32,6 +32,10 @@ def test_a_run_keeps_each_metric_once_across_a_restart(tmp_path):
     assert run.info.status == "KILLED" and run.info.end_time
     assert [f.path for f in client.list_artifacts(run_id, "notes")] == ["notes/note.txt"]
     assert tracking.ui_command(uri) == f"mlflow ui --backend-store-uri {uri}"
+    # what a search on the default store prints: the command, then its run's page on `mlflow ui`
+    page = tracking.runs_page(uri, run_id)
+    assert page.startswith(tracking.LOCAL_UI)
+    assert tracking.ui_command(uri, run_id) == f"mlflow ui --backend-store-uri {uri}, then open {page}"
 
 
 def test_a_new_run_asks_the_store_once_before_its_first_metrics(tmp_path, monkeypatch):
