@@ -216,8 +216,8 @@ def test_a_stop_ends_with_its_search_and_the_next_run_of_the_process_goes_on():
 @pytest.mark.slow
 def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ray_heads, ray_head):
     """The search's driver and the Ray head it runs on (a `ray start` cluster) die together mid-search,
-    SIGKILL, no grace: `--resume` on the same folder against another head (the session's) finishes it,
-    tracked on a real `mlflow server`."""
+    SIGKILL, no grace, in the middle of copying Tune's state: `--resume` on the same folder against
+    another head (the session's) finishes it, tracked on a real `mlflow server`."""
     space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=3, max_concurrent=1, max_steps=60,
                         scheduler={"type": "none"}, report_every=10)
     out = tmp_path / "search"
@@ -249,6 +249,15 @@ def test_resume_after_losing_the_driver_and_the_head(tmp_path, mlflow_server, ra
     proc.wait()
     first_done = {p.parent.name: p.stat().st_mtime for p in out.glob("trial_runs/*/summary.json")}
     assert not (out / "summary.json").exists()
+    # Tune copies its state into the search folder file by file, in place, in a background thread: a
+    # driver killed during that copy leaves files cut short (CI once killed it mid-copy: the resumed
+    # search hung). The same, every time: each state file cut to half its length.
+    from lsep_tune.search.tune_state import state_files
+
+    state = state_files(out / "tune" / "search")
+    assert {p.name.split("-")[0] for p in state} >= {"experiment_state", "searcher", "search_gen_state"}
+    for path in state:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
     new_head = ray_head
     resumed = subprocess.run(cmd + ["--resume", "--address", new_head.address], capture_output=True, text=True,
@@ -455,3 +464,28 @@ def test_a_trial_the_study_finished_may_report_its_end_again(tmp_path):
     # restore does not build one)
     finished = [(t.number, t.state, t.value) for t in study.trials if t.state.is_finished()]
     assert finished == [(0, optuna.trial.TrialState.COMPLETE, 0.5)]
+
+
+def test_a_cut_state_file_is_put_back_whole_or_refused_in_one_line(tmp_path):
+    """Tune's state as its copy left it when the driver died: the last whole save replaces it; without
+    one, a file that does not read is refused naming it (Tune would start over and hang instead)."""
+    import pickle
+    import zipfile
+
+    from lsep_tune.errors import InputError
+    from lsep_tune.search.tune_state import restore_whole_state, snapshot_path
+
+    experiment = tmp_path / "search"
+    experiment.mkdir()
+    trials, searcher = experiment / "experiment_state-s1.json", experiment / "searcher-state-s1.pkl"
+    trials.write_text(json.dumps({"trial_data": []}))
+    whole = pickle.dumps({"ot_trials": {"t1": 0}})
+    searcher.write_bytes(whole[:10])
+    with pytest.raises(InputError, match="searcher-state-s1.pkl: Tune experiment state"):
+        restore_whole_state(experiment)
+    with zipfile.ZipFile(snapshot_path(experiment), "w") as archive:
+        archive.writestr(trials.name, trials.read_text())
+        archive.writestr(searcher.name, whole)
+    (experiment / "searcher-state-s0.pkl").write_bytes(b"")  # not in the last save: gone after restoring
+    restore_whole_state(experiment)
+    assert searcher.read_bytes() == whole and not (experiment / "searcher-state-s0.pkl").exists()

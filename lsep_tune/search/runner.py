@@ -31,6 +31,7 @@ from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
 from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, restarts, trial_main
+from lsep_tune.search.tune_state import WholeState, restore_whole_state
 
 
 @contextlib.contextmanager
@@ -231,6 +232,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                                     trial_resources(space.resources) if resources is None else resources)
     tune_path = paths.tune_root / "search"
     if resume and tune.Tuner.can_restore(str(tune_path)):
+        restore_whole_state(tune_path)  # what a driver killed mid-copy left is replaced by its last whole save
         tuner = tune.Tuner.restore(str(tune_path), trainable=trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
     else:
@@ -252,7 +254,7 @@ def fit(space, paths: SearchPaths, resume: bool, resources=None, callbacks: tupl
                                       # a trial whose process died (a lost node) starts again, up to max_failures
                                       # times, and resumes from the checkpoints in its folder
                                       failure_config=tune.FailureConfig(max_failures=space.budget.max_failures),
-                                      callbacks=[TrialRuns(paths, space.trials), *callbacks],
+                                      callbacks=[TrialRuns(paths, space.trials), WholeState(tune_path), *callbacks],
                                       progress_reporter=progress_table(space),
                                       verbose=1),  # the live table only: no per-report result dumps
         )
