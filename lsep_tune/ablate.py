@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
+from lsep_tune.search.stop import EXIT_STOPPED, SearchStopped, sigterm_stops_search
 
 # The library half is imported by the functions that use it, once the flags are checked, so
 # `python -m lsep_tune.ablate` answers --help and a bad flag before any of it loads: the arms file
@@ -74,6 +75,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     spec, arms, source, name, output, uri = prepare(args)
+    try:
+        return _run(args, spec, arms, source, name, output, uri)
+    except SearchStopped:  # (`ray job stop`, scancel, a deleted pod)
+        print("ablation stopped (SIGTERM): its unfinished runs and its own MLflow run end KILLED; its tables "
+              "were not written", flush=True)
+        return EXIT_STOPPED
+
+
+def _run(args, spec, arms, source, name, output, uri) -> int:
     with cli.RaySession() as ray_session:
         from lsep_tune.cluster import local_ray_cpus  # torch and Ray: only once the request passed its checks
         from lsep_tune.search.ablation import run_ablation
@@ -81,7 +91,8 @@ def _ablate(args: argparse.Namespace) -> int:
 
         ray_session.connect(args.address, num_cpus=local_ray_cpus(spec.budget.resources), trial=spec.budget.resources,
                             source=source)
-        summary = run_ablation(spec, arms, output, uri, name)
+        with sigterm_stops_search():  # after Ray's start: its driver installs a SIGTERM handler of its own
+            summary = run_ablation(spec, arms, output, uri, name)
         print((output / "table.md").read_text())
         print(f"{len(arms)} arms x {len(summary['seeds'])} seeds, {summary['failed_runs']} failed, "
               f"{summary['wall_time_s']:.0f} s")

@@ -146,6 +146,38 @@ def test_ablation_trains_arms_x_seeds_and_writes_the_table(tmp_path, ray_local, 
         "ablation/table.md", "ablation/table.csv", "ablation/bars.png"}
 
 
+@pytest.mark.slow
+def test_a_sigterm_ends_the_ablation_and_its_runs_killed(tmp_path, ray_local, mlflow_server, monkeypatch, capsys):
+    """`ray job stop`, scancel or a deleted pod send SIGTERM: the ablation ends with the shell's exit code
+    for it, its open runs and its own MLflow run KILLED (not left RUNNING), no table written."""
+    import signal
+
+    from mlflow.tracking import MlflowClient
+
+    from lsep_tune.search import ablation
+
+    client = MlflowClient(mlflow_server.uri)
+
+    def stopped_mid_run(arms, seeds, resources, paths, role):
+        parent = client.get_run(paths.parent_run_id)
+        client.create_run(parent.info.experiment_id, tags={"mlflow.parentRunId": paths.parent_run_id})  # a run mid-way
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to the command's own handler
+        return {}
+
+    monkeypatch.setattr(ablation, "run_arms", stopped_mid_run)
+    out = tmp_path / "abl"
+    assert main(["--arms", str(arms_file(tmp_path / "arms.yaml")), "--output", str(out),
+                 "--mlflow-uri", mlflow_server.uri]) == 128 + 15
+    assert "ablation stopped (SIGTERM)" in capsys.readouterr().out
+    parent = client.search_runs([client.get_experiment_by_name("lsep_tune").experiment_id],
+                                filter_string=f"tags.output = '{out.resolve()}'")
+    assert len(parent) == 1 and parent[0].info.status == "KILLED" and parent[0].info.end_time
+    children = client.search_runs([parent[0].info.experiment_id],
+                                  filter_string=f"tags.`mlflow.parentRunId` = '{parent[0].info.run_id}'")
+    assert [c.info.status for c in children] == ["KILLED"]
+    assert not (out / "table.md").exists()
+
+
 def test_the_budget_arms_compare_the_digits_space_first_point_with_its_corners():
     from lsep_tune.search.space import load_space
 

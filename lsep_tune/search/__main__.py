@@ -10,7 +10,7 @@ from pathlib import Path
 
 from lsep_tune import cli
 from lsep_tune.errors import InputError, OneLineParser, run_cli
-from lsep_tune.search.stop import SearchStopped, sigterm_stops_search
+from lsep_tune.search.stop import EXIT_STOPPED, SearchStopped, sigterm_stops_search
 
 DEFAULT_SPACE = "digits"
 # Neutral names in library errors -> the flags of this command.
@@ -87,9 +87,6 @@ def prepare(args):
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(lambda: _main(parse_args(argv)), FLAGS)
-
-
-EXIT_STOPPED = 128 + 15  # the shell's code for a command ended by SIGTERM
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from lsep_tune import stats, tracking
 from lsep_tune.config import flatten
 from lsep_tune.search.arms import bar_chart, metric_key, run_arms, values_of
 from lsep_tune.search.arms_file import AblationSpec, Arm
-from lsep_tune.search.trials import SearchPaths
+from lsep_tune.search.trials import SearchPaths, ends_killed_on_error
 
 
 # ----- the table -----------------------------------------------------------------------------------
@@ -93,29 +93,30 @@ def run_ablation(spec: AblationSpec, arms: list[Arm], output: Path, mlflow_uri: 
         {"lsep_tune.kind": "ablation", "lsep_tune.role": "ablation", "output": str(output)},
         run_name=f"ablation-{name}", artifact_location=tracking.artifact_location_for(mlflow_uri, output))
     paths = SearchPaths(output, mlflow_uri, parent)
-    reports = run_arms(arms, seeds, spec.budget.resources, paths, "ablation")
-    max_steps = arms[0].config.run.max_steps
-    values = {m: {a.name: values_of(reports[a.name], seeds, m, a.config.run.max_steps) for a in arms}
-              for m in spec.metrics}
-    files = write_tables(values, seeds, output, f"Ablation {name}: {len(arms)} arms x {len(seeds)} seeds, "
-                                                f"{max_steps} steps")
     tracker = tracking.RunTracker(mlflow_uri, parent)
-    numbers = {}
-    for r in table_rows(values):
-        for key in ("mean", "std", "diff", "ci_low", "ci_high"):
-            if math.isfinite(r[key]):
-                numbers[metric_key("ablation", r["arm"], r["metric"], key)] = r[key]
-    tracker.log_metrics(numbers, 0)
-    for path in files.values():
-        tracker.log_artifact(path, "ablation")
-    failed = sum(1 for a in arms for s in seeds if not reports[a.name].get(s))
-    summary = {"arms": {a.name: a.params for a in arms}, "seeds": seeds, "metrics": spec.metrics,
-               "values": {m: {a: [None if not math.isfinite(v) else v for v in vs] for a, vs in by.items()}
-                          for m, by in values.items()},
-               "failed_runs": failed, "wall_time_s": round(time.time() - started, 1),
-               "mlflow_tracking_uri": mlflow_uri, "mlflow_parent_run_id": parent,
-               "files": {k: str(v) for k, v in files.items()}}
-    (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    tracker.log_artifact(output / "summary.json", "ablation")
+    with ends_killed_on_error(paths, tracker):  # a stop (SIGTERM) or a crash: every open run ends KILLED
+        reports = run_arms(arms, seeds, spec.budget.resources, paths, "ablation")
+        max_steps = arms[0].config.run.max_steps
+        values = {m: {a.name: values_of(reports[a.name], seeds, m, a.config.run.max_steps) for a in arms}
+                  for m in spec.metrics}
+        files = write_tables(values, seeds, output, f"Ablation {name}: {len(arms)} arms x {len(seeds)} seeds, "
+                                                    f"{max_steps} steps")
+        numbers = {}
+        for r in table_rows(values):
+            for key in ("mean", "std", "diff", "ci_low", "ci_high"):
+                if math.isfinite(r[key]):
+                    numbers[metric_key("ablation", r["arm"], r["metric"], key)] = r[key]
+        tracker.log_metrics(numbers, 0)
+        for path in files.values():
+            tracker.log_artifact(path, "ablation")
+        failed = sum(1 for a in arms for s in seeds if not reports[a.name].get(s))
+        summary = {"arms": {a.name: a.params for a in arms}, "seeds": seeds, "metrics": spec.metrics,
+                   "values": {m: {a: [None if not math.isfinite(v) else v for v in vs] for a, vs in by.items()}
+                              for m, by in values.items()},
+                   "failed_runs": failed, "wall_time_s": round(time.time() - started, 1),
+                   "mlflow_tracking_uri": mlflow_uri, "mlflow_parent_run_id": parent,
+                   "files": {k: str(v) for k, v in files.items()}}
+        (output / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        tracker.log_artifact(output / "summary.json", "ablation")
     tracker.finish("FINISHED" if failed < len(arms) * len(seeds) else "FAILED")
     return summary

@@ -10,7 +10,6 @@ With `confirm:` in the space, the best trials and a baseline are then trained ag
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import time
@@ -30,19 +29,9 @@ from lsep_tune.search.confirm import confirm_search
 from lsep_tune.search.searcher import STUDY_NAME, make_scheduler, make_searcher
 from lsep_tune.search.stop import fit_or_stop
 from lsep_tune.search.storage import default_storage, masked, open_storage, without_password
-from lsep_tune.search.trials import TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, live_table, restarts, trial_main
+from lsep_tune.search.trials import (TRIAL_ID_TAG, SearchPaths, TrialRuns, end_unfinished_runs, ends_killed_on_error,
+                                     live_table, restarts, trial_main)
 from lsep_tune.search.tune_state import WholeState, restore_whole_state
-
-
-@contextlib.contextmanager
-def ends_killed_on_error(paths: SearchPaths, parent_tracker):
-    """An interrupted or crashed search ends its open trial runs and its parent run KILLED."""
-    try:
-        yield
-    except BaseException:
-        end_unfinished_runs(paths, "KILLED")
-        parent_tracker.finish("KILLED")
-        raise
 
 
 def parent_run_name(output: Path) -> str:

@@ -13,6 +13,9 @@ import signal
 import threading
 
 
+EXIT_STOPPED = 128 + 15  # a stopped command's exit code: the shell's for one ended by SIGTERM
+
+
 class SearchStopped(KeyboardInterrupt):
     """The search was asked to stop (SIGTERM). A KeyboardInterrupt, so no `except Exception` swallows it."""
 

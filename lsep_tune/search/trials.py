@@ -7,6 +7,7 @@ trials' MLflow runs (made when a trial starts, ended in the state it reached). B
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass
@@ -211,6 +212,18 @@ def end_unfinished_runs(paths: SearchPaths, status: str) -> None:
     for run in client.search_runs([parent.info.experiment_id], filter_string=(
             f"tags.`mlflow.parentRunId` = '{paths.parent_run_id}' and attributes.status = 'RUNNING'")):
         client.set_terminated(run.info.run_id, status)
+
+
+@contextlib.contextmanager
+def ends_killed_on_error(paths: SearchPaths, parent_tracker):
+    """An interrupted (SIGTERM) or crashed search or ablation ends its open trial runs and its parent run
+    KILLED."""
+    try:
+        yield
+    except BaseException:
+        end_unfinished_runs(paths, "KILLED")
+        parent_tracker.finish("KILLED")
+        raise
 
 
 def live_table(metric_columns: dict, parameter_columns: dict, **options):
