@@ -3,8 +3,11 @@ import os
 import pytest
 import torch
 
-# Two cores: keep torch from oversubscribing when Ray workers or subprocesses run beside the test.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# The cores shared out among pytest-xdist's workers (one thread each on two cores): a worker training
+# in-process on two threads while the other worker's Ray processes hold a core waited on its OpenMP
+# team (300 digits steps: 21 s alone, 190 s beside a cluster test, on a 2-core Xeon).
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 # One Ray token for every cluster the tests start, set here in the xdist controller so both workers
 # inherit it: on a fresh machine there is no ~/.ray/auth_token, which `ray start --head` in token mode
