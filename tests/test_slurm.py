@@ -185,11 +185,16 @@ def ray_processes(marker: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_sbatch_runs_a_smoke_search_on_its_own_ray_and_stops_it(slurm, tmp_path):
+def test_sbatch_runs_a_search_on_its_own_ray_and_stops_it(slurm, tmp_path):
     import json
 
-    # the smoke search at two trials: what is checked is the script's Ray around it, not the search
-    job_id = submit(slurm, tmp_path, "--smoke", "--num-samples", "2", "--output", str(tmp_path / "search"))
+    from tests.test_search import GOOD, write_space
+
+    # a two-trial search of 20 flow-loss steps, no confirmation: what is checked is the script's Ray
+    # around it, not the search (the smoke search with its confirmation took 3-4 of this test's minutes)
+    space = write_space(tmp_path / "space.yaml", [GOOD], num_samples=2, max_steps=20, scheduler={"type": "none"},
+                        report_every=10)
+    job_id = submit(slurm, tmp_path, "--space", str(space), "--output", str(tmp_path / "search"))
     job = slurm.wait_job(job_id, timeout=1000)
     printed = (tmp_path / "job.out").read_text()
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", printed[-4000:] + slurm.logs()
