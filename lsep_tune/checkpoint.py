@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import shutil
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,18 @@ def step_folder(root: str | Path, step: int) -> Path:
     return Path(root) / f"step_{step:08d}"
 
 
+def whole(path: Path) -> bool:
+    """A torch file whose zip directory reads: a checkpoint that Ray Train was still copying into storage
+    (file by file, in place) when its node died has none, and is not one to resume from."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def _complete(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("step_*") if (p / STATE_FILE).exists()) if root.exists() else []
+    return sorted(p for p in root.glob("step_*") if whole(p / STATE_FILE)) if root.exists() else []
 
 
 def latest(root: str | Path) -> Path | None:

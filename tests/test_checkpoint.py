@@ -14,10 +14,16 @@ def test_state_round_trips_and_only_complete_steps_count(tmp_path):
     for step in (2, 4, 6):
         ckpt.save_state(ckpt.step_folder(root, step), {"step": step, "w": torch.full((3,), float(step))})
     ckpt.step_folder(root, 8).mkdir()  # a step whose state.pt was never written is not a checkpoint
+    # nor one that Ray Train was still copying into storage, in place, when its node died (CI saw a
+    # restarted worker group fail on it: "failed finding central directory")
+    whole = (root / "step_00000006" / ckpt.STATE_FILE).read_bytes()
+    ckpt.step_folder(root, 10).mkdir()
+    (ckpt.step_folder(root, 10) / ckpt.STATE_FILE).write_bytes(whole[: len(whole) * 2 // 3])
     assert ckpt.latest(root) == root / "step_00000006"
     assert torch.equal(ckpt.load_state(ckpt.latest(root))["w"], torch.full((3,), 6.0))
     ckpt.prune(root, keep=2)
-    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000006", "step_00000008"]
+    assert sorted(p.name for p in root.iterdir()) == ["step_00000004", "step_00000006", "step_00000008",
+                                                      "step_00000010"]
     assert ckpt.latest(tmp_path / "none") is None
     assert not list(root.rglob("*.tmp"))  # atomic writes leave no temporary files
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from lsep_tune.checkpoint import STATE_FILE, latest, whole
 from tests.test_search import write_space
 
 pytestmark = pytest.mark.slow
@@ -201,7 +202,8 @@ def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interv
         deadline = time.time() + 400
         while time.time() < deadline:  # the first trial holds a checkpoint and is still training
             runs = list(out.glob("trial_runs/*"))
-            ckpts = sorted(int(p.name.split("_")[-1]) for p in out.glob("trials/*/step_*"))
+            # a whole checkpoint: a step folder appears as Ray Train starts copying into it
+            ckpts = sorted(int(p.name.split("_")[-1]) for p in out.glob("trials/*/step_*") if whole(p / STATE_FILE))
             if runs and ckpts and last_step(runs[0] / "metrics.jsonl") < MAX_STEPS:
                 break
             assert proc.poll() is None, (tmp_path / "search.log").read_text()[-3000:]
@@ -213,7 +215,7 @@ def test_a_lost_worker_of_a_two_worker_trial_costs_at_most_one_checkpoint_interv
         assert len(workers) == 2 and not workers & trial_nodes  # two workers on two nodes, apart from the trial
         (trial,) = [r.name for r in out.glob("trial_runs/*")]
         step_at_kill = last_step(out / "trial_runs" / trial / "metrics.jsonl")
-        ckpt_at_kill = max(int(p.name.split("_")[-1]) for p in out.glob(f"trials/{trial}/step_*"))
+        ckpt_at_kill = int(latest(out / "trials" / trial).name.split("_")[-1])
         lost = [n for n in cluster.nodes if n.node_id == sorted(workers)[-1]][0]
         cluster.kill(lost)  # one worker dies with its node; the other and the trial's process live on
         cluster.add_node(1)  # the lost node's replacement, where the worker group starts again
