@@ -57,7 +57,7 @@ class WholeState(Callback):
         if not trials:  # nothing to resume yet
             return
         files = state_files(Path(trials[0].storage.experiment_driver_staging_path))
-        stamp = tuple((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in files)
+        stamp = tuple((p.name, st.st_mtime_ns, st.st_size) for p, st in ((p, p.stat()) for p in files))
         if not files or stamp == self._saved:
             return
         buffer = io.BytesIO()
