@@ -227,10 +227,12 @@ class RayHead:
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
-    """One `ray start` cluster (3 CPUs) for the session's submitted jobs and resumed searches: a job
-    ends with its driver, and each test reads back only its own job, folder and runs."""
+    """One `ray start` cluster (3 CPUs) for a module's submitted jobs and resumed searches: a job ends
+    with its driver, and each test reads back only its own job, folder and runs. Not one per session:
+    an idle head (its dashboard's nine processes, GCS, raylet, agents) keeps ~15% of a core busy, and
+    an xdist worker's session outlasts its cluster tests by the rest of the suite."""
     head = RayHead(tmp_path_factory.mktemp("ray-head"))
     yield head
     head.stop()
