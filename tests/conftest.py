@@ -32,9 +32,10 @@ def pytest_collection_modifyitems(session, config, items):
     modules last), so the quick modules fill the end and both workers finish together."""
     slow = {item.path for item in items if item.get_closest_marker("slow")}
 
+    place = {name: i for i, name in enumerate(LONGEST_FIRST)}
+
     def rank(item) -> tuple[int, bool]:
-        name = item.path.stem
-        return (LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST), item.path not in slow)
+        return place.get(item.path.stem, len(place)), item.path not in slow
 
     items.sort(key=rank)
 
